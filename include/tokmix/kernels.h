@@ -1,0 +1,74 @@
+// The kernel seam: plain functions over raw pointers, shapes and strides. One CPU and one CUDA
+// implementation per op; `ops/mix.cpp` is the only caller and the only place that sees tensors.
+#pragma once
+#include <cstdint>
+
+#include "tokmix/pattern_desc.h"
+
+namespace tokmix::kernels {
+
+enum class Mode : int32_t { Softmax = 0, Gate = 1 };
+
+// A sequence-major view of q, k, v, y: element (b, t, h, d) lives at b*sb + t*st + h*sh + d.
+struct Strides {
+  int64_t sb, st, sh;
+};
+
+struct MixProblem {
+  int64_t batch = 0;  // B
+  int64_t T = 0;      // tokens per batch row
+  int64_t H = 0, Dk = 0, Dv = 0;
+  // Packed variable-length sequences (batch == 1): sequence s covers [cu[s], cu[s+1]).
+  const int64_t* cu_seqlens = nullptr;
+  int64_t num_seqs = 0;
+  Strides sq{}, sk{}, sv{}, sy{};
+  Mode mode = Mode::Softmax;
+  double scale = 1.0;  // softmax: s_ij = scale * q_i.k_j + bias
+  double gamma = 1.0;  // damping of B coefficients
+  int64_t levels = 0;  // columns of bias / gate tables
+  // Units of work: one (sequence, head) pair each.
+  int64_t num_units() const { return (num_seqs > 0 ? num_seqs : batch) * H; }
+};
+
+// Forward: y and the per-row log-sum-exp (lse, [units, T] laid out as unit*T + t, over the
+// unit's own rows) that backward uses to recompute coefficients instead of storing them.
+template <class T>
+void mix_forward_cpu(const PatternDesc& pat, const MixProblem& pb, const T* q, const T* k, const T* v,
+                     const T* bias /*[H, levels] or null*/, const T* gate_w /*[H, levels, Dk] (gate)*/, T* y, T* lse);
+
+// Backward. dq, dk, dv must be zero-filled; dbias_units ([units, levels]) and dgate_units
+// ([units, levels, Dk]) receive per-unit partial sums (zero-filled, may be null when unused).
+template <class T>
+void mix_backward_cpu(const PatternDesc& pat, const MixProblem& pb, const T* q, const T* k, const T* v,
+                      const T* bias, const T* gate_w, const T* y, const T* lse, const T* dy, T* dq, T* dk, T* dv,
+                      T* dbias_units, T* dgate_units);
+
+// One decode step for `batch` sequences, each at its own position pos[b] (0-indexed row).
+// Caches are [batch, H, cap, D]; A-cache rows are rings (slot = position % capA); B-cache
+// rows are rings (slot = position % capB) unless b_slot_of is given: then entry e of row b
+// reads slot b_slot_of[b * max_entries + e] (the lattice's slot table, filled by the caller).
+// The new token's k, v and y are written to slots new_a_slot[b] / new_b_slot[b] (-1: keep none).
+struct DecodeProblem {
+  int64_t batch = 0, H = 0, Dk = 0, Dv = 0;
+  int64_t capA = 0, capB = 0;
+  const int64_t* pos = nullptr;
+  const int64_t* b_slot_of = nullptr;
+  int64_t max_entries = 0;
+  const int64_t* new_a_slot = nullptr;
+  const int64_t* new_b_slot = nullptr;
+  Mode mode = Mode::Softmax;
+  double scale = 1.0, gamma = 1.0;
+  int64_t levels = 0;
+};
+
+template <class T>
+void decode_step_cpu(const PatternDesc& pat, const DecodeProblem& pb, const T* q, const T* k, const T* v /*[batch,H,D]*/,
+                     const T* bias, const T* gate_w, T* kA, T* vA, T* kB, T* yB, T* y /*[batch,H,Dv]*/);
+
+#ifdef TOKMIX_WITH_CUDA
+template <class T>
+void mix_forward_cuda(const PatternDesc& pat, const MixProblem& pb, const T* q, const T* k, const T* v, const T* bias,
+                      const T* gate_w, T* y, float* lse, void* stream);
+#endif
+
+}  // namespace tokmix::kernels

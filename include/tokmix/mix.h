@@ -1,0 +1,76 @@
+// The generalized mixing op  Y = (I - B)^{-1} A X  on [B, T, H, D] tensors, with autograd,
+// and the decoding cache of one layer.
+#pragma once
+#include <torch/torch.h>
+
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "tokmix/pattern.h"
+
+namespace tokmix {
+
+struct MixOptions {
+  std::string mode = "softmax";  // "softmax": s_ij = scale q_i.k_j + b; "gate": s_ij = q_i.w_level + b
+  double scale = -1;             // softmax scale; < 0 means 1/sqrt(Dk)
+  double gamma = 1.0;            // damping of B, in (0, 1]
+  torch::Tensor bias;            // optional [H, L], L >= pattern.num_levels(T)
+  torch::Tensor gate_weight;     // gate mode: [H, L, Dk]
+  torch::Tensor cu_seqlens;      // optional [N+1] int32/int64, packed sequences with B == 1
+};
+
+// y = mix(q, k, v): q, k [B, T, H, Dk], v [B, T, H, Dv] -> y [B, T, H, Dv].
+// Differentiable in q, k, v, bias and gate_weight. In gate mode k is not read (pass any tensor
+// of q's shape, or an undefined tensor) and gets no gradient.
+torch::Tensor mix(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const Pattern& pattern,
+                  const MixOptions& opt = {});
+torch::Tensor mix(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const std::string& pattern,
+                  const MixOptions& opt = {});
+
+// Parsed patterns are cached by spec (parsing expands f and its lattice once).
+std::shared_ptr<const Pattern> pattern_from_spec(const std::string& spec);
+
+// Per-layer decoding cache: holds, per sequence and head, exactly the past (k, x) the A support
+// and the past (k, y) the B support of future rows will read (spec section 6).
+class MixCache {
+ public:
+  MixCache(std::shared_ptr<const Pattern> pattern, int64_t batch, int64_t H, int64_t Dk, int64_t Dv,
+           int64_t max_context, torch::ScalarType dtype = torch::kFloat32, torch::Device device = torch::kCPU);
+
+  // Runs the parallel form over prompts and fills the cache. Either q,k,v are [batch, T, H, D]
+  // (all prompts of length T) or packed [1, total, H, D] with opt.cu_seqlens of batch+1 entries.
+  // Returns y in the layout of q. Every sequence must be empty (fresh cache or reset()).
+  torch::Tensor prefill(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const MixOptions& opt = {});
+  // One token for every sequence: q, k [batch, H, Dk], v [batch, H, Dv] -> y [batch, H, Dv].
+  torch::Tensor step(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const MixOptions& opt = {});
+
+  void reset();
+  // Marks every sequence as having seen `context` tokens whose stored keys and values are the
+  // stores' current contents (zeros when fresh): measures a step at a given depth without
+  // paying for the prompt.
+  void skip_to(int64_t context);
+  int64_t batch() const { return batch_; }
+  const std::vector<int64_t>& positions() const { return pos_; }  // tokens seen per sequence
+  // Past positions held for sequence b (A and B stores together); what the pattern says it needs.
+  int64_t entries(int64_t b) const;
+  std::vector<int64_t> held_positions_B(int64_t b) const;
+  int64_t capacity_entries() const { return capA_ + capB_; }
+  int64_t bytes() const;  // allocated bytes of the key/value stores
+  const Pattern& pattern() const { return *pattern_; }
+
+ private:
+  void store_from_prompt(int64_t b, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& y, int64_t len);
+  std::shared_ptr<const Pattern> pattern_;
+  int64_t batch_, H_, Dk_, Dv_, max_context_;
+  int64_t capA_, capB_;
+  bool lattice_;
+  torch::Tensor kA_, vA_, kB_, yB_;     // [batch, H, cap, D]
+  std::vector<int64_t> pos_;            // next row per sequence
+  std::vector<int64_t> slot_pos_;       // lattice: [batch, capB] position held by each slot (-1 free)
+};
+
+// Sets LibTorch's and OpenMP's thread counts to the number of cores (or n > 0).
+void set_threads(int n = 0);
+
+}  // namespace tokmix

@@ -1,0 +1,20 @@
+// Subcommands of the `tokmix` CLI. Each command file registers itself with one
+// `CommandRegistrar` at static-initialisation time, so adding a command never edits main.cpp.
+#pragma once
+#include <CLI/CLI.hpp>
+#include <functional>
+#include <vector>
+
+namespace tokmix::cli {
+
+using CommandSetup = std::function<void(CLI::App& app)>;
+std::vector<CommandSetup>& command_registry();
+
+struct CommandRegistrar {
+  explicit CommandRegistrar(CommandSetup f) { command_registry().push_back(std::move(f)); }
+};
+
+// Runs `argv` as if typed after `tokmix` (used by the demo to chain commands).
+int run_subcommand(const std::vector<std::string>& args);
+
+}  // namespace tokmix::cli

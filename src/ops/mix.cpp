@@ -1,0 +1,521 @@
+// The only place where tensors meet kernels: input checks, layout, backend choice, autograd.
+#include "tokmix/mix.h"
+
+#include <omp.h>
+
+#include <map>
+#include <mutex>
+#include <sstream>
+#include <thread>
+
+#include "tokmix/kernels.h"
+
+namespace tokmix {
+namespace {
+
+using torch::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+std::string shape_str(const Tensor& t) {
+  std::ostringstream os;
+  os << t.sizes();
+  return os.str();
+}
+
+[[noreturn]] void bad(const std::string& msg) { throw std::invalid_argument("tokmix::mix: " + msg); }
+
+void check_finite(const Tensor& t, const char* name) {
+  if (t.defined() && t.numel() > 0 && !torch::isfinite(t).all().item<bool>())
+    bad(std::string(name) + " contains NaN or Inf; expected finite values");
+}
+
+kernels::Mode parse_mode(const std::string& m) {
+  if (m == "softmax") return kernels::Mode::Softmax;
+  if (m == "gate") return kernels::Mode::Gate;
+  bad("mode '" + m + "' is not known; expected 'softmax' or 'gate'");
+}
+
+// Validated problem: everything the kernels need besides pointers.
+struct Checked {
+  kernels::MixProblem pb;
+  std::vector<int64_t> cu;  // host copy of cu_seqlens
+  int64_t max_seq = 0;      // longest sequence
+};
+
+Checked check(const Tensor& q, const Tensor& k, const Tensor& v, const Pattern& pat, const MixOptions& opt) {
+  Checked c;
+  auto& pb = c.pb;
+  pb.mode = parse_mode(opt.mode);
+  const bool gate = pb.mode == kernels::Mode::Gate;
+  if (!q.defined() || !v.defined()) bad("q and v must be defined tensors");
+  if (q.dim() != 4) bad("q has shape " + shape_str(q) + "; expected [B, T, H, Dk]");
+  if (v.dim() != 4) bad("v has shape " + shape_str(v) + "; expected [B, T, H, Dv]");
+  if (q.scalar_type() != torch::kFloat32 && q.scalar_type() != torch::kFloat64 &&
+      !(q.is_cuda() && (q.scalar_type() == torch::kBFloat16 || q.scalar_type() == torch::kFloat16)))
+    bad(std::string("dtype ") + c10::toString(q.scalar_type()) + " is not supported; expected float32 or float64 (CPU)");
+  if (v.scalar_type() != q.scalar_type())
+    bad(std::string("v has dtype ") + c10::toString(v.scalar_type()) + " but q has " + c10::toString(q.scalar_type()) + "; expected the same");
+  if (v.device() != q.device()) bad("q and v are on different devices");
+  pb.batch = q.size(0);
+  pb.T = q.size(1);
+  pb.H = q.size(2);
+  pb.Dk = q.size(3);
+  pb.Dv = v.size(3);
+  if (pb.H < 1) bad("H = " + std::to_string(pb.H) + "; expected H >= 1");
+  if (pb.Dk < 1) bad("Dk = " + std::to_string(pb.Dk) + "; expected Dk >= 1");
+  if (pb.Dv < 1) bad("Dv = " + std::to_string(pb.Dv) + "; expected Dv >= 1");
+  if (v.size(0) != pb.batch || v.size(1) != pb.T || v.size(2) != pb.H)
+    bad("v has shape " + shape_str(v) + " but q has " + shape_str(q) + "; expected the same B, T, H");
+  if (!gate || k.defined()) {
+    if (!k.defined()) bad("k must be a defined tensor in softmax mode");
+    if (!k.sizes().equals(q.sizes()))
+      bad("k has shape " + shape_str(k) + " but q has " + shape_str(q) + "; expected the same [B, T, H, Dk]");
+    if (k.scalar_type() != q.scalar_type()) bad("k has a different dtype from q");
+    if (k.device() != q.device()) bad("q and k are on different devices");
+  }
+  if (!(opt.gamma > 0.0 && opt.gamma <= 1.0)) bad("gamma = " + std::to_string(opt.gamma) + "; expected 0 < gamma <= 1");
+  pb.gamma = opt.gamma;
+  pb.scale = opt.scale < 0 ? 1.0 / std::sqrt(static_cast<double>(pb.Dk)) : opt.scale;
+  if (!std::isfinite(pb.scale)) bad("scale is not finite");
+
+  // Sequences.
+  if (opt.cu_seqlens.defined()) {
+    const Tensor& cu = opt.cu_seqlens;
+    if (cu.dim() != 1 || (cu.scalar_type() != torch::kInt32 && cu.scalar_type() != torch::kInt64))
+      bad("cu_seqlens must be a 1-D int32 or int64 tensor [N+1]; got " + shape_str(cu) + " of " + c10::toString(cu.scalar_type()));
+    if (cu.numel() < 2) bad("cu_seqlens has " + std::to_string(cu.numel()) + " entries; expected N+1 >= 2");
+    if (pb.batch != 1) bad("with cu_seqlens the batch must be 1 (packed sequences); got B = " + std::to_string(pb.batch));
+    Tensor h = cu.to(torch::kCPU, torch::kInt64).contiguous();
+    c.cu.assign(h.data_ptr<int64_t>(), h.data_ptr<int64_t>() + h.numel());
+    if (c.cu[0] != 0) bad("cu_seqlens[0] = " + std::to_string(c.cu[0]) + "; expected 0");
+    for (size_t s = 1; s < c.cu.size(); ++s) {
+      if (c.cu[s] < c.cu[s - 1])
+        bad("cu_seqlens is not increasing: cu_seqlens[" + std::to_string(s) + "] = " + std::to_string(c.cu[s]) + " < cu_seqlens[" +
+            std::to_string(s - 1) + "] = " + std::to_string(c.cu[s - 1]));
+      c.max_seq = std::max(c.max_seq, c.cu[s] - c.cu[s - 1]);
+    }
+    if (c.cu.back() != pb.T)
+      bad("cu_seqlens ends at " + std::to_string(c.cu.back()) + "; expected T = " + std::to_string(pb.T));
+    pb.num_seqs = static_cast<int64_t>(c.cu.size()) - 1;
+  } else {
+    c.max_seq = pb.T;
+  }
+  try {
+    pat.check_length(c.max_seq);
+  } catch (const PatternError& e) {
+    bad(e.what());
+  }
+
+  // Level tables.
+  const int64_t need = pat.num_levels(std::max<int64_t>(c.max_seq, 1));
+  auto check_levels = [&](const Tensor& t, const char* name, int64_t dim) {
+    if (t.dim() != dim || t.size(0) != pb.H)
+      bad(std::string(name) + " has shape " + shape_str(t) + "; expected [H = " + std::to_string(pb.H) + ", L" + (dim == 3 ? ", Dk]" : "]"));
+    if (t.size(1) < need)
+      bad(std::string(name) + " has " + std::to_string(t.size(1)) + " levels; pattern '" + pat.spec() + "' at length " +
+          std::to_string(c.max_seq) + " needs " + std::to_string(need) + " (sequence longer than the table allows)");
+    if (dim == 3 && t.size(2) != pb.Dk) bad(std::string(name) + " has width " + std::to_string(t.size(2)) + "; expected Dk = " + std::to_string(pb.Dk));
+    if (t.scalar_type() != q.scalar_type()) bad(std::string(name) + " has a different dtype from q");
+    if (t.device() != q.device()) bad(std::string(name) + " is on a different device from q");
+  };
+  int64_t levels = 0;
+  if (opt.bias.defined()) {
+    check_levels(opt.bias, "bias", 2);
+    levels = opt.bias.size(1);
+  }
+  if (gate) {
+    if (!opt.gate_weight.defined()) bad("gate mode needs gate_weight [H, L, Dk]");
+    check_levels(opt.gate_weight, "gate_weight", 3);
+    if (levels && opt.gate_weight.size(1) != levels) bad("bias and gate_weight have different level counts");
+    levels = opt.gate_weight.size(1);
+  }
+  pb.levels = levels;
+  check_finite(q, "q");
+  if (!gate) check_finite(k, "k");
+  check_finite(v, "v");
+  check_finite(opt.bias, "bias");
+  check_finite(opt.gate_weight, "gate_weight");
+  return c;
+}
+
+// [B, T, H, D] -> memory [B, H, T, D] so that a head's rows are contiguous.
+Tensor to_heads(const Tensor& t) { return t.transpose(1, 2).contiguous(); }
+kernels::Strides heads_strides(const Tensor& th) {  // th is [B, H, T, D] contiguous
+  return {th.stride(0), th.stride(2), th.stride(1)};
+}
+
+// LibTorch 1.13's Function::apply cannot take undefined tensors: absent optional inputs travel
+// as empty placeholders and are turned back into undefined tensors inside.
+Tensor placeholder(const Tensor& t) { return t.defined() ? t : torch::empty({0}); }
+Tensor absent_if_empty(const Tensor& t) { return t.defined() && t.dim() == 1 && t.numel() == 0 ? Tensor() : t; }
+
+std::mutex g_pat_mu;
+std::map<std::string, std::shared_ptr<const Pattern>> g_patterns;
+
+class MixFunction : public torch::autograd::Function<MixFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, Tensor q, Tensor k, Tensor v, Tensor bias, Tensor gate_w, Tensor cu,
+                               std::string spec, std::string mode, double scale, double gamma) {
+    bias = absent_if_empty(bias);
+    gate_w = absent_if_empty(gate_w);
+    cu = absent_if_empty(cu);
+    auto pat = pattern_from_spec(spec);
+    MixOptions opt;
+    opt.mode = mode;
+    opt.scale = scale;
+    opt.gamma = gamma;
+    opt.bias = bias;
+    opt.gate_weight = gate_w;
+    opt.cu_seqlens = cu;
+    Checked c = check(q, k, v, *pat, opt);
+    const bool gate = c.pb.mode == kernels::Mode::Gate;
+    Tensor qh = to_heads(q), vh = to_heads(v), kh = gate ? qh : to_heads(k);
+    Tensor yh = torch::empty({c.pb.batch, c.pb.H, c.pb.T, c.pb.Dv}, v.options());
+    Tensor lse = torch::empty({c.pb.batch, c.pb.H, c.pb.T}, q.options());
+    run_forward(*pat, c, qh, kh, vh, bias, gate_w, yh, lse);
+    ctx->save_for_backward({qh, kh, vh, yh, lse, placeholder(bias), placeholder(gate_w), placeholder(cu)});
+    ctx->saved_data["spec"] = spec;
+    ctx->saved_data["mode"] = mode;
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["gamma"] = gamma;
+    return {yh.transpose(1, 2)};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    Tensor qh = saved[0], kh = saved[1], vh = saved[2], yh = saved[3], lse = saved[4], bias = absent_if_empty(saved[5]),
+           gate_w = absent_if_empty(saved[6]), cu = absent_if_empty(saved[7]);
+    auto pat = pattern_from_spec(ctx->saved_data["spec"].toStringRef());
+    MixOptions opt;
+    opt.mode = ctx->saved_data["mode"].toStringRef();
+    opt.scale = ctx->saved_data["scale"].toDouble();
+    opt.gamma = ctx->saved_data["gamma"].toDouble();
+    opt.bias = bias;
+    opt.gate_weight = gate_w;
+    opt.cu_seqlens = cu;
+    Tensor q = qh.transpose(1, 2), k = kh.transpose(1, 2), v = vh.transpose(1, 2);
+    Checked c = check(q, k, v, *pat, opt);
+    const bool gate = c.pb.mode == kernels::Mode::Gate;
+    Tensor dy = grads[0];
+    if (!dy.defined()) dy = torch::zeros_like(v);
+    check_finite(dy, "dy");
+    Tensor dyh = to_heads(dy.to(v.scalar_type()));
+    Tensor dq = torch::zeros_like(qh), dv = torch::zeros_like(vh);
+    Tensor dk = gate ? Tensor() : torch::zeros_like(kh);
+    const int64_t units = c.pb.num_units();
+    Tensor dbias_u = bias.defined() ? torch::zeros({units, c.pb.levels}, q.options()) : Tensor();
+    Tensor dgate_u = gate ? torch::zeros({units, c.pb.levels, c.pb.Dk}, q.options()) : Tensor();
+    run_backward(*pat, c, qh, kh, vh, bias, gate_w, yh, lse, dyh, dq, dk, dv, dbias_u, dgate_u);
+    Tensor dbias = bias.defined() ? dbias_u.view({units / c.pb.H, c.pb.H, c.pb.levels}).sum(0) : Tensor();
+    Tensor dgate = gate ? dgate_u.view({units / c.pb.H, c.pb.H, c.pb.levels, c.pb.Dk}).sum(0) : Tensor();
+    return {dq.transpose(1, 2), gate ? Tensor() : dk.transpose(1, 2), dv.transpose(1, 2), dbias, dgate, Tensor(),
+            Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+
+ private:
+  static kernels::MixProblem problem(const Checked& c, const Tensor& qh, const Tensor& kh, const Tensor& vh, const Tensor& yh) {
+    kernels::MixProblem pb = c.pb;
+    pb.sq = heads_strides(qh);
+    pb.sk = heads_strides(kh);
+    pb.sv = heads_strides(vh);
+    pb.sy = heads_strides(yh);
+    pb.cu_seqlens = c.cu.empty() ? nullptr : c.cu.data();
+    return pb;
+  }
+
+  static void run_forward(const Pattern& pat, const Checked& c, const Tensor& qh, const Tensor& kh, const Tensor& vh,
+                          const Tensor& bias, const Tensor& gate_w, Tensor& yh, Tensor& lse) {
+    if (c.pb.T == 0) return;
+    kernels::MixProblem pb = problem(c, qh, kh, vh, yh);
+    const PatternDesc d = pat.desc();
+    Tensor b = bias.defined() ? bias.contiguous() : Tensor(), g = gate_w.defined() ? gate_w.contiguous() : Tensor();
+    if (qh.is_cuda()) bad("this build has no CUDA backend (configure with -DTOKMIX_CUDA=ON)");
+    AT_DISPATCH_FLOATING_TYPES(qh.scalar_type(), "mix_forward", [&] {
+      kernels::mix_forward_cpu<scalar_t>(d, pb, qh.data_ptr<scalar_t>(), kh.data_ptr<scalar_t>(), vh.data_ptr<scalar_t>(),
+                                         b.defined() ? b.data_ptr<scalar_t>() : nullptr, g.defined() ? g.data_ptr<scalar_t>() : nullptr,
+                                         yh.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>());
+    });
+  }
+
+  static void run_backward(const Pattern& pat, const Checked& c, const Tensor& qh, const Tensor& kh, const Tensor& vh,
+                           const Tensor& bias, const Tensor& gate_w, const Tensor& yh, const Tensor& lse, const Tensor& dyh,
+                           Tensor& dq, Tensor& dk, Tensor& dv, Tensor& dbias_u, Tensor& dgate_u) {
+    if (c.pb.T == 0) return;
+    kernels::MixProblem pb = problem(c, qh, kh, vh, yh);
+    const PatternDesc d = pat.desc();
+    Tensor b = bias.defined() ? bias.contiguous() : Tensor(), g = gate_w.defined() ? gate_w.contiguous() : Tensor();
+    AT_DISPATCH_FLOATING_TYPES(qh.scalar_type(), "mix_backward", [&] {
+      auto ptr = [](const Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
+      kernels::mix_backward_cpu<scalar_t>(d, pb, ptr(qh), ptr(kh), ptr(vh), ptr(b), ptr(g), ptr(yh), ptr(lse), ptr(dyh), ptr(dq),
+                                          ptr(dk), ptr(dv), ptr(dbias_u), ptr(dgate_u));
+    });
+  }
+};
+
+}  // namespace
+
+std::shared_ptr<const Pattern> pattern_from_spec(const std::string& spec) {
+  std::lock_guard<std::mutex> lk(g_pat_mu);
+  auto it = g_patterns.find(spec);
+  if (it != g_patterns.end()) return it->second;
+  auto p = std::make_shared<const Pattern>(Pattern::parse(spec));
+  g_patterns.emplace(spec, p);
+  return p;
+}
+
+torch::Tensor mix(const Tensor& q, const Tensor& k, const Tensor& v, const std::string& spec, const MixOptions& opt) {
+  std::shared_ptr<const Pattern> pat;
+  try {
+    pat = pattern_from_spec(spec);
+  } catch (const PatternError& e) {
+    bad(e.what());
+  }
+  const bool gate = parse_mode(opt.mode) == kernels::Mode::Gate;
+  Tensor kk = k.defined() ? k : (gate ? q : k);
+  return MixFunction::apply(q, kk, v, placeholder(opt.bias), placeholder(opt.gate_weight), placeholder(opt.cu_seqlens), pat->spec(), opt.mode, opt.scale, opt.gamma)[0];
+}
+
+torch::Tensor mix(const Tensor& q, const Tensor& k, const Tensor& v, const Pattern& pattern, const MixOptions& opt) {
+  return mix(q, k, v, pattern.spec(), opt);
+}
+
+void set_threads(int n) {
+  if (n <= 0) n = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  torch::set_num_threads(n);
+  omp_set_num_threads(n);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decoding cache
+
+MixCache::MixCache(std::shared_ptr<const Pattern> pattern, int64_t batch, int64_t H, int64_t Dk, int64_t Dv,
+                   int64_t max_context, torch::ScalarType dtype, torch::Device device)
+    : pattern_(std::move(pattern)), batch_(batch), H_(H), Dk_(Dk), Dv_(Dv), max_context_(max_context) {
+  if (batch < 1 || H < 1 || Dk < 1 || Dv < 1 || max_context < 1)
+    throw std::invalid_argument("tokmix::MixCache: batch, H, Dk, Dv and max_context must be >= 1 (got " + std::to_string(batch) + ", " +
+                                std::to_string(H) + ", " + std::to_string(Dk) + ", " + std::to_string(Dv) + ", " +
+                                std::to_string(max_context) + ")");
+  pattern_->check_length(max_context);
+  capA_ = pattern_->cache_A(max_context);
+  capB_ = pattern_->cache_B(max_context);
+  lattice_ = pattern_->B().kind == SupportKind::Lattice;
+  auto o = torch::TensorOptions().dtype(dtype).device(device);
+  kA_ = torch::zeros({batch, H, capA_, Dk}, o);
+  vA_ = torch::zeros({batch, H, capA_, Dv}, o);
+  kB_ = torch::zeros({batch, H, capB_, Dk}, o);
+  yB_ = torch::zeros({batch, H, capB_, Dv}, o);
+  reset();
+}
+
+void MixCache::reset() {
+  pos_.assign(batch_, 0);
+  slot_pos_.assign(lattice_ ? batch_ * capB_ : 0, -1);
+}
+
+void MixCache::skip_to(int64_t context) {
+  if (context < 0 || context > max_context_)
+    throw std::invalid_argument("tokmix::MixCache::skip_to: context " + std::to_string(context) + " outside [0, " + std::to_string(max_context_) + "]");
+  reset();
+  pos_.assign(batch_, context);
+  if (lattice_) {
+    auto row = pattern_->row_B(context);
+    for (int64_t b = 0; b < batch_; ++b)
+      for (size_t s = 0; s < row.size(); ++s) slot_pos_[b * capB_ + s] = row[s].pos;
+  }
+}
+
+int64_t MixCache::entries(int64_t b) const {
+  int64_t a = std::min(pos_[b], capA_);
+  int64_t bb = 0;
+  if (lattice_) {
+    for (int64_t s = 0; s < capB_; ++s) bb += slot_pos_[b * capB_ + s] >= 0;
+  } else {
+    bb = std::min(pos_[b], capB_);
+  }
+  return a + bb;
+}
+
+std::vector<int64_t> MixCache::held_positions_B(int64_t b) const {
+  std::vector<int64_t> out;
+  if (lattice_) {
+    for (int64_t s = 0; s < capB_; ++s)
+      if (slot_pos_[b * capB_ + s] >= 0) out.push_back(slot_pos_[b * capB_ + s]);
+  } else {
+    for (int64_t p = std::max<int64_t>(0, pos_[b] - capB_); p < pos_[b]; ++p) out.push_back(p);
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+int64_t MixCache::bytes() const {
+  return (kA_.numel() + vA_.numel() + kB_.numel() + yB_.numel()) * static_cast<int64_t>(kA_.element_size());
+}
+
+void MixCache::store_from_prompt(int64_t b, const Tensor& k, const Tensor& v, const Tensor& y, int64_t len) {
+  // k, v, y: [len, H, D] of sequence b
+  auto put = [&](Tensor& store, const Tensor& src, const std::vector<int64_t>& positions, const std::vector<int64_t>& slots) {
+    if (positions.empty()) return;
+    auto o = torch::TensorOptions().dtype(torch::kInt64).device(src.device());
+    Tensor pi = torch::tensor(positions, o), si = torch::tensor(slots, o);
+    store[b].index_copy_(1, si, src.index_select(0, pi).transpose(0, 1));
+  };
+  std::vector<int64_t> ps, ss;
+  for (int64_t p = std::max<int64_t>(0, len - capA_); p < len && capA_ > 0; ++p) {
+    ps.push_back(p);
+    ss.push_back(p % capA_);
+  }
+  put(kA_, k, ps, ss);
+  put(vA_, v, ps, ss);
+  ps.clear();
+  ss.clear();
+  if (lattice_ && len < max_context_) {
+    int64_t s = 0;
+    for (const Entry& e : pattern_->row_B(len)) {
+      ps.push_back(e.pos);
+      ss.push_back(s);
+      slot_pos_[b * capB_ + s] = e.pos;
+      ++s;
+    }
+  } else {
+    for (int64_t p = std::max<int64_t>(0, len - capB_); p < len && capB_ > 0; ++p) {
+      ps.push_back(p);
+      ss.push_back(p % capB_);
+    }
+  }
+  put(kB_, k, ps, ss);
+  put(yB_, y, ps, ss);
+  pos_[b] = len;
+}
+
+torch::Tensor MixCache::prefill(const Tensor& q, const Tensor& k, const Tensor& v, const MixOptions& opt) {
+  for (int64_t b = 0; b < batch_; ++b)
+    if (pos_[b] != 0) throw std::invalid_argument("tokmix::MixCache::prefill: sequence " + std::to_string(b) + " already holds " +
+                                                  std::to_string(pos_[b]) + " tokens; expected an empty cache (call reset())");
+  Tensor y = mix(q, k, v, *pattern_, opt);
+  const bool gate = opt.mode == "gate";
+  Tensor kk = gate ? q : k;
+  Tensor yd = y.detach();
+  if (opt.cu_seqlens.defined()) {
+    Tensor cu = opt.cu_seqlens.to(torch::kCPU, torch::kInt64);
+    if (cu.numel() - 1 != batch_)
+      throw std::invalid_argument("tokmix::MixCache::prefill: cu_seqlens has " + std::to_string(cu.numel() - 1) + " sequences; the cache holds " +
+                                  std::to_string(batch_));
+    for (int64_t b = 0; b < batch_; ++b) {
+      int64_t t0 = cu[b].item<int64_t>(), t1 = cu[b + 1].item<int64_t>();
+      if (t1 - t0 > max_context_)
+        throw std::invalid_argument("tokmix::MixCache::prefill: prompt " + std::to_string(b) + " has " + std::to_string(t1 - t0) +
+                                    " tokens; the cache was made for max_context = " + std::to_string(max_context_));
+      store_from_prompt(b, kk[0].slice(0, t0, t1).detach(), v[0].slice(0, t0, t1).detach(), yd[0].slice(0, t0, t1), t1 - t0);
+    }
+  } else {
+    if (q.size(0) != batch_)
+      throw std::invalid_argument("tokmix::MixCache::prefill: batch " + std::to_string(q.size(0)) + "; the cache holds " + std::to_string(batch_));
+    if (q.size(1) > max_context_)
+      throw std::invalid_argument("tokmix::MixCache::prefill: prompt of " + std::to_string(q.size(1)) + " tokens; max_context = " +
+                                  std::to_string(max_context_));
+    for (int64_t b = 0; b < batch_; ++b) store_from_prompt(b, kk[b].detach(), v[b].detach(), yd[b], q.size(1));
+  }
+  return y;
+}
+
+torch::Tensor MixCache::step(const Tensor& q, const Tensor& k, const Tensor& v, const MixOptions& opt) {
+  auto badstep = [](const std::string& m) { throw std::invalid_argument("tokmix::MixCache::step: " + m); };
+  const auto mode = parse_mode(opt.mode);
+  const bool gate = mode == kernels::Mode::Gate;
+  if (q.dim() != 3 || q.size(0) != batch_ || q.size(1) != H_ || q.size(2) != Dk_)
+    badstep("q has shape " + shape_str(q) + "; expected [" + std::to_string(batch_) + ", " + std::to_string(H_) + ", " + std::to_string(Dk_) + "]");
+  if (v.dim() != 3 || v.size(0) != batch_ || v.size(1) != H_ || v.size(2) != Dv_)
+    badstep("v has shape " + shape_str(v) + "; expected [" + std::to_string(batch_) + ", " + std::to_string(H_) + ", " + std::to_string(Dv_) + "]");
+  Tensor kk = gate ? q : k;
+  if (!kk.defined() || !kk.sizes().equals(q.sizes())) badstep("k must have q's shape " + shape_str(q));
+  if (q.scalar_type() != kA_.scalar_type() || v.scalar_type() != kA_.scalar_type() || kk.scalar_type() != kA_.scalar_type())
+    badstep(std::string("dtype must be the cache's ") + c10::toString(kA_.scalar_type()));
+  check_finite(q, "q");
+  check_finite(kk, "k");
+  check_finite(v, "v");
+  for (int64_t b = 0; b < batch_; ++b)
+    if (pos_[b] >= max_context_)
+      badstep("sequence " + std::to_string(b) + " is at position " + std::to_string(pos_[b]) + "; the cache was made for max_context = " +
+              std::to_string(max_context_));
+  // Levels: the tables must cover the longest row this cache serves.
+  const int64_t need = pattern_->num_levels(max_context_);
+  int64_t levels = 0;
+  if (opt.bias.defined()) {
+    if (opt.bias.dim() != 2 || opt.bias.size(0) != H_ || opt.bias.size(1) < need)
+      badstep("bias has shape " + shape_str(opt.bias) + "; expected [" + std::to_string(H_) + ", >= " + std::to_string(need) + "]");
+    levels = opt.bias.size(1);
+  }
+  if (gate) {
+    if (!opt.gate_weight.defined() || opt.gate_weight.dim() != 3 || opt.gate_weight.size(0) != H_ || opt.gate_weight.size(1) < need ||
+        opt.gate_weight.size(2) != Dk_)
+      badstep("gate mode needs gate_weight [" + std::to_string(H_) + ", >= " + std::to_string(need) + ", " + std::to_string(Dk_) + "]");
+    levels = opt.gate_weight.size(1);
+  }
+  kernels::DecodeProblem pb;
+  pb.batch = batch_;
+  pb.H = H_;
+  pb.Dk = Dk_;
+  pb.Dv = Dv_;
+  pb.capA = capA_;
+  pb.capB = capB_;
+  pb.mode = mode;
+  pb.scale = opt.scale < 0 ? 1.0 / std::sqrt(static_cast<double>(Dk_)) : opt.scale;
+  pb.gamma = opt.gamma;
+  pb.levels = levels;
+  pb.pos = pos_.data();
+  std::vector<int64_t> new_a(batch_, -1), new_b(batch_, -1), slot_of;
+  for (int64_t b = 0; b < batch_; ++b) {
+    const int64_t i = pos_[b];
+    if (capA_ > 0) new_a[b] = i % capA_;
+    if (!lattice_ && capB_ > 0) new_b[b] = i % capB_;
+  }
+  if (lattice_) {
+    // Resolve this row's entries to slots, then evict what row i+1 no longer reads and give
+    // the new token a free slot (nesting: L(i+1) is within L(i) and {i}).
+    pb.max_entries = std::max<int64_t>(1, capB_);
+    slot_of.assign(batch_ * pb.max_entries, -1);
+    int64_t* sp = slot_pos_.data();
+    for (int64_t b = 0; b < batch_; ++b) {
+      const int64_t i = pos_[b];
+      int64_t e = 0;
+      for (const Entry& en : pattern_->row_B(i)) {
+        int64_t s = 0;
+        while (s < capB_ && sp[b * capB_ + s] != en.pos) ++s;
+        if (s == capB_) badstep("internal: lattice position " + std::to_string(en.pos) + " is not in the cache");
+        slot_of[b * pb.max_entries + e++] = s;
+      }
+      // no row follows the last one the cache was made for: keep nothing new
+      std::vector<Entry> next = i + 1 < max_context_ ? pattern_->row_B(i + 1) : std::vector<Entry>{};
+      for (int64_t s = 0; s < capB_; ++s) {
+        int64_t p = sp[b * capB_ + s];
+        if (p >= 0 && std::none_of(next.begin(), next.end(), [&](const Entry& x) { return x.pos == p; })) sp[b * capB_ + s] = -1;
+      }
+      if (std::any_of(next.begin(), next.end(), [&](const Entry& x) { return x.pos == i; })) {
+        int64_t s = 0;
+        while (s < capB_ && sp[b * capB_ + s] >= 0) ++s;
+        if (s == capB_) badstep("internal: lattice cache full");
+        sp[b * capB_ + s] = i;
+        new_b[b] = s;
+      }
+    }
+    pb.b_slot_of = slot_of.data();
+  }
+  pb.new_a_slot = new_a.data();
+  pb.new_b_slot = new_b.data();
+  Tensor qc = q.contiguous(), kc = kk.contiguous(), vc = v.contiguous();
+  Tensor bias = opt.bias.defined() ? opt.bias.contiguous() : Tensor();
+  Tensor gw = gate ? opt.gate_weight.contiguous() : Tensor();
+  Tensor y = torch::empty({batch_, H_, Dv_}, v.options());
+  const PatternDesc d = pattern_->desc();
+  if (q.is_cuda()) badstep("this build has no CUDA decode backend");
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "decode_step", [&] {
+    auto ptr = [](const Tensor& t) { return t.defined() && t.numel() > 0 ? t.data_ptr<scalar_t>() : nullptr; };
+    kernels::decode_step_cpu<scalar_t>(d, pb, ptr(qc), ptr(kc), ptr(vc), ptr(bias), ptr(gw), ptr(kA_), ptr(vA_), ptr(kB_), ptr(yB_),
+                                       y.data_ptr<scalar_t>());
+  });
+  for (auto& p : pos_) ++p;
+  return y;
+}
+
+}  // namespace tokmix

@@ -1,0 +1,487 @@
+// The mixing op against a float64 dense reference (materialise A and B, solve (I - B) Y = A X),
+// forward and backward, on every instance and both coefficient modes; the conformance vectors;
+// packed batches; decoding against the parallel form; bad input.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <random>
+
+#include "tokmix/mix.h"
+
+using namespace tokmix;
+using torch::Tensor;
+
+namespace {
+
+const std::vector<std::string> kSpecs = {"attention",    "local:3",     "first-order", "recurrence:3", "dense",
+                                         "pow2",         "sq1",         "pow2-lattice", "sq1-lattice", "f:1,3,9",
+                                         "f:2*k+1-lattice", "A=local:3;B=pow2", "A=attention;B=sq1-lattice"};
+
+uint64_t fresh_seed() {
+  static std::random_device rd;
+  return (uint64_t(rd()) << 32) ^ rd();
+}
+
+// Dense reference for one sequence [T, H, D] (float64, differentiable through LibTorch).
+Tensor reference_seq(const Tensor& q, const Tensor& k, const Tensor& v, const Pattern& p, const MixOptions& o) {
+  const int64_t T = q.size(0), H = q.size(1), Dk = q.size(2);
+  auto bo = torch::TensorOptions().dtype(torch::kBool);
+  auto lo = torch::TensorOptions().dtype(torch::kLong);
+  Tensor MA = torch::zeros({T, T}, bo), MB = torch::zeros({T, T}, bo);
+  Tensor LA = torch::zeros({T, T}, lo), LB = torch::zeros({T, T}, lo);
+  for (int64_t i = 0; i < T; ++i) {
+    for (auto& e : p.row_A(i)) {
+      MA[i][e.pos] = true;
+      LA[i][e.pos] = e.level;
+    }
+    for (auto& e : p.row_B(i)) {
+      MB[i][e.pos] = true;
+      LB[i][e.pos] = e.level;
+    }
+  }
+  const double scale = o.scale < 0 ? 1.0 / std::sqrt(double(Dk)) : o.scale;
+  std::vector<Tensor> ys;
+  for (int64_t h = 0; h < H; ++h) {
+    Tensor qh = q.select(1, h), kh = k.select(1, h), vh = v.select(1, h);
+    Tensor SA, SB;
+    if (o.mode == "softmax") {
+      SA = SB = scale * torch::mm(qh, kh.t());
+    } else {
+      Tensor G = torch::mm(qh, o.gate_weight[h].t());  // [T, L]
+      SA = G.gather(1, LA);
+      SB = G.gather(1, LB);
+    }
+    if (o.bias.defined()) {
+      SA = SA + o.bias[h].index({LA});
+      SB = SB + o.bias[h].index({LB});
+    }
+    const double ninf = -std::numeric_limits<double>::infinity();
+    Tensor logits = torch::cat({SA.masked_fill(MA.logical_not(), ninf), SB.masked_fill(MB.logical_not(), ninf)}, 1);
+    Tensor P = torch::softmax(logits, 1);
+    Tensor A = P.slice(1, 0, T), Bm = o.gamma * P.slice(1, T, 2 * T);
+    Tensor I = torch::eye(T, q.options());
+    ys.push_back(torch::linalg_solve_triangular(I - Bm, torch::mm(A, vh), /*upper=*/false));
+  }
+  return torch::stack(ys, 1);
+}
+
+Tensor reference(const Tensor& q, const Tensor& k, const Tensor& v, const Pattern& p, const MixOptions& o) {
+  std::vector<Tensor> out;
+  if (o.cu_seqlens.defined()) {
+    auto cu = o.cu_seqlens.to(torch::kLong);
+    for (int64_t s = 0; s + 1 < cu.numel(); ++s) {
+      int64_t a = cu[s].item<int64_t>(), b = cu[s + 1].item<int64_t>();
+      out.push_back(reference_seq(q[0].slice(0, a, b), k[0].slice(0, a, b), v[0].slice(0, a, b), p, o));
+    }
+    return torch::cat(out, 0).unsqueeze(0);
+  }
+  for (int64_t b = 0; b < q.size(0); ++b) out.push_back(reference_seq(q[b], k[b], v[b], p, o));
+  return torch::stack(out, 0);
+}
+
+double rel_err(const Tensor& a, const Tensor& b) {
+  EXPECT_TRUE(torch::isfinite(a).all().item<bool>()) << "NaN/Inf in result";
+  double den = b.abs().max().item<double>();
+  return (a - b).abs().max().item<double>() / std::max(den, 1e-30);
+}
+
+struct Case {
+  std::string spec, mode;
+  int64_t B, T, H, Dk, Dv;
+  bool bias;
+  double gamma;
+};
+
+std::string name(const Case& c) {
+  return c.spec + " " + c.mode + " B" + std::to_string(c.B) + " T" + std::to_string(c.T) + " H" + std::to_string(c.H) + " Dk" +
+         std::to_string(c.Dk) + " Dv" + std::to_string(c.Dv) + (c.bias ? " bias" : "") + " gamma" + std::to_string(c.gamma);
+}
+
+// Forward and every gradient of the op against the dense reference in float64.
+void check_case(const Case& c) {
+  SCOPED_TRACE(name(c));
+  torch::manual_seed(fresh_seed());
+  auto d = torch::TensorOptions().dtype(torch::kFloat64);
+  auto pat = pattern_from_spec(c.spec);
+  const int64_t L = pat->num_levels(c.T) + 2;
+  Tensor q = torch::randn({c.B, c.T, c.H, c.Dk}, d).requires_grad_();
+  Tensor k = torch::randn({c.B, c.T, c.H, c.Dk}, d).requires_grad_();
+  Tensor v = torch::randn({c.B, c.T, c.H, c.Dv}, d).requires_grad_();
+  MixOptions o;
+  o.mode = c.mode;
+  o.gamma = c.gamma;
+  if (c.bias) o.bias = torch::randn({c.H, L}, d).requires_grad_();
+  if (c.mode == "gate") o.gate_weight = torch::randn({c.H, L, c.Dk}, d).requires_grad_();
+  Tensor dy = torch::randn({c.B, c.T, c.H, c.Dv}, d);
+
+  Tensor y = mix(q, k, v, *pat, o);
+  Tensor yr = reference(q, k, v, *pat, o);
+  EXPECT_LT(rel_err(y, yr), 1e-11);
+  std::vector<Tensor> inputs = {q, v};
+  if (c.mode == "softmax") inputs.push_back(k);
+  if (c.bias) inputs.push_back(o.bias);
+  if (c.mode == "gate") inputs.push_back(o.gate_weight);
+  auto g = torch::autograd::grad({y}, inputs, {dy});
+  auto gr = torch::autograd::grad({yr}, inputs, {dy});
+  for (size_t i = 0; i < inputs.size(); ++i) EXPECT_LT(rel_err(g[i], gr[i]), 1e-10) << "gradient of input " << i;
+}
+
+}  // namespace
+
+TEST(Mix, EveryInstanceBothModesAgainstDenseReference) {
+  for (const auto& s : kSpecs)
+    for (std::string mode : {"softmax", "gate"}) {
+      check_case({s, mode, 2, 29, 2, 5, 3, false, 1.0});
+      check_case({s, mode, 1, 17, 1, 3, 6, true, 0.9});
+    }
+}
+
+TEST(Mix, EdgeSizes) {
+  for (const auto& s : kSpecs) {
+    check_case({s, "softmax", 1, 1, 1, 4, 4, true, 1.0});   // T = 1
+    check_case({s, "softmax", 3, 2, 2, 7, 5, false, 1.0});  // T = 2
+    check_case({s, "softmax", 1, 37, 3, 12, 10, true, 0.7});  // prime T, D not a power of two
+  }
+}
+
+TEST(Mix, GradientsMatchFiniteDifferences) {
+  // central differences on a few random coordinates, float64
+  for (const auto& s : {"pow2", "sq1-lattice", "A=local:3;B=pow2", "dense"}) {
+    for (std::string mode : {"softmax", "gate"}) {
+      SCOPED_TRACE(std::string(s) + " " + mode);
+      torch::manual_seed(fresh_seed());
+      auto d = torch::TensorOptions().dtype(torch::kFloat64);
+      auto pat = pattern_from_spec(s);
+      const int64_t T = 13, H = 2, D = 3, L = pat->num_levels(T);
+      Tensor q = torch::randn({1, T, H, D}, d), k = torch::randn({1, T, H, D}, d), v = torch::randn({1, T, H, D}, d);
+      Tensor bias = torch::randn({H, L}, d), gw = torch::randn({H, L, D}, d), dy = torch::randn({1, T, H, D}, d);
+      std::vector<Tensor> ins = {q, k, v, bias, gw};
+      auto loss = [&](const std::vector<Tensor>& x) {
+        MixOptions o;
+        o.mode = mode;
+        o.gamma = 0.8;
+        o.bias = x[3];
+        if (mode == "gate") o.gate_weight = x[4];
+        return (mix(x[0], x[1], x[2], *pat, o) * dy).sum();
+      };
+      std::vector<Tensor> req;
+      for (auto& t : ins) req.push_back(t.clone().requires_grad_());
+      auto grads = torch::autograd::grad({loss(req)}, req, {}, false, false, /*allow_unused=*/true);
+      std::mt19937 rng(fresh_seed());
+      for (size_t t = 0; t < ins.size(); ++t) {
+        if ((mode == "gate" && t == 1) || (mode == "softmax" && t == 4)) continue;  // not read in that mode
+        for (int r = 0; r < 6; ++r) {
+          int64_t idx = rng() % ins[t].numel();
+          const double h = 1e-6;
+          auto plus = ins, minus = ins;
+          plus[t] = ins[t].clone();
+          minus[t] = ins[t].clone();
+          plus[t].view(-1)[idx] += h;
+          minus[t].view(-1)[idx] -= h;
+          double fd = (loss(plus).item<double>() - loss(minus).item<double>()) / (2 * h);
+          double an = grads[t].reshape(-1)[idx].item<double>();
+          EXPECT_NEAR(an, fd, 1e-6 * std::max(1.0, std::abs(fd))) << "input " << t << " index " << idx;
+        }
+      }
+    }
+  }
+}
+
+TEST(Mix, ConformanceVectors) {
+  std::ifstream f(std::string(TOKMIX_TESTDATA) + "/mix_vectors.json");
+  ASSERT_TRUE(f.good()) << "missing tests/data/mix_vectors.json";
+  nlohmann::json doc = nlohmann::json::parse(f);
+  ASSERT_EQ(doc["cases"].size(), 11u);
+  auto d = torch::TensorOptions().dtype(torch::kFloat64);
+  auto to_t = [&](const nlohmann::json& j, int64_t B, int64_t T, int64_t H, int64_t D) {
+    std::vector<double> flat;
+    for (auto& b : j)
+      for (auto& t : b)
+        for (auto& h : t)
+          for (auto& x : h) flat.push_back(x.get<double>());
+    return torch::tensor(flat, d).view({B, T, H, D});
+  };
+  for (auto& c : doc["cases"]) {
+    const std::string spec = c["pattern"];
+    SCOPED_TRACE(spec);
+    const int64_t B = c["B"], T = c["T"], H = c["H"], Dk = c["Dk"], Dv = c["Dv"];
+    auto pat = pattern_from_spec(spec);
+    // supports, 1-indexed
+    for (auto& row : c["support_1indexed"]) {
+      int64_t i = row["row"].get<int64_t>() - 1;
+      std::vector<int64_t> sa, sb, wa = row["SA"], wb = row["SB"];
+      for (auto& e : pat->row_A(i)) sa.push_back(e.pos + 1);
+      for (auto& e : pat->row_B(i)) sb.push_back(e.pos + 1);
+      std::sort(sa.begin(), sa.end());
+      std::sort(sb.begin(), sb.end());
+      std::sort(wa.begin(), wa.end());
+      std::sort(wb.begin(), wb.end());
+      EXPECT_EQ(sa, wa) << "SA row " << i + 1;
+      EXPECT_EQ(sb, wb) << "SB row " << i + 1;
+    }
+    Tensor q = to_t(c["q"], B, T, H, Dk).requires_grad_(), k = to_t(c["k"], B, T, H, Dk).requires_grad_(),
+           v = to_t(c["v"], B, T, H, Dv).requires_grad_();
+    MixOptions o;
+    o.scale = c["scale"];
+    Tensor y = mix(q, k, v, *pat, o);
+    auto g = torch::autograd::grad({y}, {q, k, v}, {to_t(c["dy"], B, T, H, Dv)});
+    EXPECT_LT((y - to_t(c["y"], B, T, H, Dv)).abs().max().item<double>(), 1e-12);
+    EXPECT_LT((g[0] - to_t(c["dq"], B, T, H, Dk)).abs().max().item<double>(), 1e-12);
+    EXPECT_LT((g[1] - to_t(c["dk"], B, T, H, Dk)).abs().max().item<double>(), 1e-12);
+    EXPECT_LT((g[2] - to_t(c["dv"], B, T, H, Dv)).abs().max().item<double>(), 1e-12);
+  }
+}
+
+TEST(Mix, PackedBatchEqualsSequencesOneByOne) {
+  for (const auto& s : kSpecs) {
+    for (std::string mode : {"softmax", "gate"}) {
+      SCOPED_TRACE(s + " " + mode);
+      torch::manual_seed(fresh_seed());
+      auto d = torch::TensorOptions().dtype(torch::kFloat64);
+      auto pat = pattern_from_spec(s);
+      std::vector<int64_t> lens = {5, 1, 23, 0, 11};
+      std::vector<int64_t> cu = {0};
+      for (auto l : lens) cu.push_back(cu.back() + l);
+      const int64_t T = cu.back(), H = 2, D = 4, L = pat->num_levels(23);
+      Tensor q = torch::randn({1, T, H, D}, d).requires_grad_(), k = torch::randn({1, T, H, D}, d).requires_grad_(),
+             v = torch::randn({1, T, H, D}, d).requires_grad_();
+      MixOptions o;
+      o.mode = mode;
+      o.bias = torch::randn({H, L}, d).requires_grad_();
+      if (mode == "gate") o.gate_weight = torch::randn({H, L, D}, d).requires_grad_();
+      MixOptions op = o;
+      op.cu_seqlens = torch::tensor(cu, torch::kInt32);
+      Tensor dy = torch::randn({1, T, H, D}, d);
+      Tensor y = mix(q, k, v, *pat, op);
+      std::vector<Tensor> ins = {q, k, v, o.bias};
+      if (mode == "gate") ins.push_back(o.gate_weight);
+      auto g = torch::autograd::grad({y}, ins, {dy}, false, false, true);
+      std::vector<Tensor> parts;
+      for (size_t i = 0; i < lens.size(); ++i) {
+        if (lens[i] == 0) continue;
+        parts.push_back(mix(q.slice(1, cu[i], cu[i + 1]), k.slice(1, cu[i], cu[i + 1]), v.slice(1, cu[i], cu[i + 1]), *pat, o));
+      }
+      Tensor y1 = torch::cat(parts, 1);
+      auto g1 = torch::autograd::grad({y1}, ins, {dy}, false, false, true);
+      EXPECT_LT(rel_err(y, y1), 1e-13);
+      for (size_t i = 0; i < ins.size(); ++i)
+        if (g[i].defined()) EXPECT_LT(rel_err(g[i], g1[i]), 1e-12) << "grad " << i;
+      // and the packed batch against the dense reference
+      EXPECT_LT(rel_err(y, reference(q, k, v, *pat, op)), 1e-11);
+    }
+  }
+}
+
+TEST(Mix, Float32MatchesFloat64) {
+  for (const auto& s : kSpecs) {
+    SCOPED_TRACE(s);
+    torch::manual_seed(fresh_seed());
+    auto pat = pattern_from_spec(s);
+    Tensor q = torch::randn({2, 100, 3, 16}, torch::kFloat64), k = torch::randn_like(q), v = torch::randn_like(q);
+    Tensor y64 = mix(q, k, v, *pat), y32 = mix(q.to(torch::kFloat32), k.to(torch::kFloat32), v.to(torch::kFloat32), *pat);
+    EXPECT_EQ(y32.scalar_type(), torch::kFloat32);
+    EXPECT_LT(rel_err(y32.to(torch::kFloat64), y64), 1e-5);
+  }
+}
+
+TEST(Mix, OutputsAreConvexCombinations) {
+  // softmax rows of [A | B] are probability vectors: max|y| <= max|x| at any length
+  for (const auto& s : {"pow2", "sq1-lattice", "dense", "first-order"}) {
+    Tensor v = torch::randn({1, 3000, 2, 8});
+    Tensor y = mix(torch::randn({1, 3000, 2, 8}) * 4, torch::randn({1, 3000, 2, 8}) * 4, v, s);
+    EXPECT_LE(y.abs().max().item<float>(), v.abs().max().item<float>() * (1 + 1e-5)) << s;
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Decoding
+
+namespace {
+
+void check_decode(const std::string& spec, const std::string& mode, int64_t prefill_len, bool with_bias) {
+  SCOPED_TRACE(spec + " " + mode + " prefill " + std::to_string(prefill_len));
+  torch::manual_seed(fresh_seed());
+  auto pat = pattern_from_spec(spec);
+  const int64_t B = 2, T = 70, H = 2, Dk = 6, Dv = 5, L = pat->num_levels(T);
+  Tensor q = torch::randn({B, T, H, Dk}), k = torch::randn({B, T, H, Dk}), v = torch::randn({B, T, H, Dv});
+  MixOptions o;
+  o.mode = mode;
+  o.gamma = 0.95;
+  if (with_bias) o.bias = torch::randn({H, L});
+  if (mode == "gate") o.gate_weight = torch::randn({H, L, Dk});
+  torch::NoGradGuard ng;
+  Tensor y = mix(q, k, v, *pat, o);
+  MixCache cache(pat, B, H, Dk, Dv, T);
+  if (prefill_len > 0) {
+    Tensor yp = cache.prefill(q.slice(1, 0, prefill_len), k.slice(1, 0, prefill_len), v.slice(1, 0, prefill_len), o);
+    EXPECT_LT(rel_err(yp, y.slice(1, 0, prefill_len)), 1e-5);
+  }
+  for (int64_t t = prefill_len; t < T; ++t) {
+    Tensor yt = cache.step(q.select(1, t), k.select(1, t), v.select(1, t), o);
+    EXPECT_LT(rel_err(yt, y.select(1, t)), 1e-5) << "step " << t;
+    // the cache holds exactly the past positions that the next rows read
+    std::vector<int64_t> want_b;
+    if (pat->B().kind == SupportKind::Lattice) {
+      if (t + 1 < T)  // after the last row the cache was made for, nothing is kept
+        for (auto& e : pat->row_B(t + 1)) want_b.push_back(e.pos);
+      std::sort(want_b.begin(), want_b.end());
+      EXPECT_EQ(cache.held_positions_B(0), want_b) << "after step " << t;
+    }
+    EXPECT_LE(cache.entries(0), pat->cache_entries(T));
+  }
+}
+
+}  // namespace
+
+TEST(Decode, StepEqualsParallelOnEveryPrefix) {
+  for (const auto& s : kSpecs)
+    for (std::string mode : {"softmax", "gate"}) {
+      check_decode(s, mode, 0, true);
+      check_decode(s, mode, 1, false);
+      check_decode(s, mode, 33, true);
+    }
+}
+
+TEST(Decode, PromptsOfDifferentLengthsThenStepTogether) {
+  for (const auto& s : kSpecs) {
+    SCOPED_TRACE(s);
+    torch::manual_seed(fresh_seed());
+    auto pat = pattern_from_spec(s);
+    const int64_t H = 2, D = 4, steps = 25;
+    std::vector<int64_t> lens = {1, 17, 40};
+    const int64_t N = lens.size();
+    std::vector<Tensor> qs, ks, vs;
+    for (auto l : lens) {
+      qs.push_back(torch::randn({1, l + steps, H, D}));
+      ks.push_back(torch::randn({1, l + steps, H, D}));
+      vs.push_back(torch::randn({1, l + steps, H, D}));
+    }
+    torch::NoGradGuard ng;
+    MixCache cache(pat, N, H, D, D, 40 + steps);
+    std::vector<int64_t> cu = {0};
+    std::vector<Tensor> pq, pk, pv;
+    for (int64_t b = 0; b < N; ++b) {
+      cu.push_back(cu.back() + lens[b]);
+      pq.push_back(qs[b].slice(1, 0, lens[b]));
+      pk.push_back(ks[b].slice(1, 0, lens[b]));
+      pv.push_back(vs[b].slice(1, 0, lens[b]));
+    }
+    MixOptions o;
+    o.cu_seqlens = torch::tensor(cu, torch::kInt64);
+    cache.prefill(torch::cat(pq, 1), torch::cat(pk, 1), torch::cat(pv, 1), o);
+    std::vector<Tensor> full;
+    for (int64_t b = 0; b < N; ++b) full.push_back(mix(qs[b], ks[b], vs[b], *pat));
+    for (int64_t t = 0; t < steps; ++t) {
+      std::vector<Tensor> sq, sk, sv;
+      for (int64_t b = 0; b < N; ++b) {
+        sq.push_back(qs[b][0][lens[b] + t]);
+        sk.push_back(ks[b][0][lens[b] + t]);
+        sv.push_back(vs[b][0][lens[b] + t]);
+      }
+      Tensor y = cache.step(torch::stack(sq), torch::stack(sk), torch::stack(sv), MixOptions{});
+      for (int64_t b = 0; b < N; ++b) EXPECT_LT(rel_err(y[b], full[b][0][lens[b] + t]), 1e-5) << "seq " << b << " step " << t;
+    }
+  }
+}
+
+TEST(Decode, CacheOfPow2LatticeAtContext65536HasAtMost17Entries) {
+  auto pat = pattern_from_spec("pow2-lattice");
+  MixCache cache(pat, 1, 2, 4, 4, 65536 + 8);
+  EXPECT_LE(cache.capacity_entries(), 17);
+  cache.skip_to(65536 - 300);
+  torch::NoGradGuard ng;
+  int64_t most = 0;
+  for (int t = 0; t < 300; ++t) {
+    cache.step(torch::randn({1, 2, 4}), torch::randn({1, 2, 4}), torch::randn({1, 2, 4}), MixOptions{});
+    most = std::max(most, cache.entries(0));
+    EXPECT_EQ(cache.entries(0), (int64_t)pat->row_B(cache.positions()[0]).size());
+  }
+  EXPECT_LE(most, 17);
+  EXPECT_GT(most, 10);
+  // A and B stores together, allocated for the whole context
+  EXPECT_EQ(cache.bytes(), int64_t(cache.capacity_entries()) * 2 * (4 + 4) * 4);
+}
+
+TEST(Decode, CacheSizesFollowThePattern) {
+  const int64_t n = 4096;
+  struct W { std::string spec; int64_t entries; };
+  for (auto& w : std::vector<W>{{"attention", n - 1}, {"local:64", 63}, {"first-order", 1}, {"recurrence:4", 4}, {"dense", n - 1},
+                                {"pow2", 2048}, {"A=local:8;B=recurrence:2", 9}}) {
+    auto pat = pattern_from_spec(w.spec);
+    MixCache cache(pat, 1, 1, 2, 2, n);
+    EXPECT_EQ(cache.capacity_entries(), w.entries) << w.spec;
+    cache.skip_to(n - 1);
+    EXPECT_EQ(cache.entries(0), w.entries) << w.spec;
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Bad input: a clear error naming the value, never a crash
+
+namespace {
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "";
+}
+}  // namespace
+
+TEST(Mix, BadInputGetsClearErrors) {
+  auto q = torch::randn({1, 8, 2, 4}), k = torch::randn({1, 8, 2, 4}), v = torch::randn({1, 8, 2, 4});
+  auto has = [](const std::string& msg, const std::string& part) {
+    EXPECT_NE(msg.find(part), std::string::npos) << "message '" << msg << "' lacks '" << part << "'";
+  };
+  has(error_of([&] { mix(q, k.slice(1, 0, 5), v, "pow2"); }), "k has shape");
+  has(error_of([&] { mix(q, k, v.to(torch::kFloat64), "pow2"); }), "dtype");
+  has(error_of([&] { mix(q.to(torch::kInt32), k, v, "pow2"); }), "dtype");
+  has(error_of([&] { mix(q[0], k, v, "pow2"); }), "expected [B, T, H, Dk]");
+  has(error_of([&] { mix(torch::randn({1, 8, 2, 0}), torch::randn({1, 8, 2, 0}), v, "pow2"); }), "Dk = 0");
+  has(error_of([&] { mix(torch::randn({1, 8, 0, 4}), torch::randn({1, 8, 0, 4}), torch::randn({1, 8, 0, 4}), "pow2"); }), "H = 0");
+  has(error_of([&] { mix(q, k, v, "pow3x"); }), "Accepted forms");
+  has(error_of([&] { mix(q, k, v, "f:3,2,1"); }), "not strictly increasing");
+  has(error_of([&] { mix(q, k, v, "f:0,1"); }), "f(0) >= 1");
+  auto qn = q.clone();
+  qn[0][3][1][2] = std::numeric_limits<float>::quiet_NaN();
+  has(error_of([&] { mix(qn, k, v, "pow2"); }), "q contains NaN or Inf");
+  auto vi = v.clone();
+  vi[0][0][0][0] = std::numeric_limits<float>::infinity();
+  has(error_of([&] { mix(q, k, vi, "pow2"); }), "v contains NaN or Inf");
+  MixOptions o;
+  o.cu_seqlens = torch::tensor({0, 5, 3, 8});
+  has(error_of([&] { mix(q, k, v, "pow2", o); }), "not increasing");
+  o.cu_seqlens = torch::tensor({0, 5, 7});
+  has(error_of([&] { mix(q, k, v, "pow2", o); }), "expected T = 8");
+  o.cu_seqlens = torch::tensor({1, 8});
+  has(error_of([&] { mix(q, k, v, "pow2", o); }), "expected 0");
+  o = MixOptions{};
+  o.mode = "linear";
+  has(error_of([&] { mix(q, k, v, "pow2", o); }), "'softmax' or 'gate'");
+  o = MixOptions{};
+  o.gamma = 1.5;
+  has(error_of([&] { mix(q, k, v, "pow2", o); }), "gamma");
+  o = MixOptions{};
+  o.bias = torch::zeros({2, 2});
+  has(error_of([&] { mix(q, k, v, "pow2", o); }), "longer than the table allows");
+  o = MixOptions{};
+  o.mode = "gate";
+  has(error_of([&] { mix(q, k, v, "pow2", o); }), "gate_weight");
+  // a length beyond what the pattern's f is expanded to
+  auto pk = pattern_from_spec("f:k+1");
+  EXPECT_NE(error_of([&] { pk->check_length(int64_t(1) << 22); }).find("longer than pattern"), std::string::npos);
+  // gradients stay finite and the op did not crash; a NaN upstream gradient is refused
+  auto qg = q.clone().requires_grad_();
+  auto y = mix(qg, k, v, "pow2");
+  auto dy = torch::ones_like(y);
+  dy[0][0][0][0] = std::numeric_limits<float>::quiet_NaN();
+  has(error_of([&] { y.backward(dy); }), "dy contains NaN");
+  // decode: wrong shapes and a full cache
+  MixCache cache(pattern_from_spec("pow2-lattice"), 1, 2, 4, 4, 3);
+  has(error_of([&] { cache.step(torch::randn({2, 2, 4}), torch::randn({2, 2, 4}), torch::randn({2, 2, 4})); }), "q has shape");
+  for (int t = 0; t < 3; ++t) cache.step(torch::randn({1, 2, 4}), torch::randn({1, 2, 4}), torch::randn({1, 2, 4}));
+  has(error_of([&] { cache.step(torch::randn({1, 2, 4}), torch::randn({1, 2, 4}), torch::randn({1, 2, 4})); }), "max_context = 3");
+}
