@@ -65,10 +65,46 @@ template <class T>
 void decode_step_cpu(const PatternDesc& pat, const DecodeProblem& pb, const T* q, const T* k, const T* v /*[batch,H,D]*/,
                      const T* bias, const T* gate_w, T* kA, T* vA, T* kB, T* yB, T* y /*[batch,H,Dv]*/);
 
-#ifdef TOKMIX_WITH_CUDA
+// Copies x [B, T, H, D] (any strides, D contiguous) into dst laid out [B, H, T, D] so that a
+// head's rows are contiguous, and reports whether every value is finite (one pass for both).
 template <class T>
-void mix_forward_cuda(const PatternDesc& pat, const MixProblem& pb, const T* q, const T* k, const T* v, const T* bias,
-                      const T* gate_w, T* y, float* lse, void* stream);
+bool relayout_to_heads_cpu(const T* x, int64_t B, int64_t Tn, int64_t H, int64_t D, int64_t sb, int64_t st, int64_t sh, T* dst);
+
+#ifdef TOKMIX_WITH_CUDA
+// CUDA backend (src/ops/cuda). Tensors stay sequence-major [B, T, H, D] (no relayout); q, k,
+// v, y, dy must be contiguous so that the Strides above describe them. Element types travel as
+// a tag with void pointers so that this seam stays free of CUDA and LibTorch headers.
+enum class DType : int32_t { F32 = 0, BF16 = 1, F16 = 2 };
+
+struct CudaMix {
+  PatternDesc host_pat;  // f and a in host memory (planning)
+  PatternDesc dev_pat;   // the same pattern with f and a in device memory (kernels)
+  MixProblem pb;         // pb.cu_seqlens: host pointer
+  int64_t max_seq = 0;   // longest sequence
+  int32_t nbl = 0;       // B levels in use: pattern.num_B_levels(max_seq)
+  DType dtype = DType::F32;
+  void* stream = nullptr;  // cudaStream_t
+};
+
+// Scratch the op needs on the device (bytes), allocated by the caller and passed as `ws`.
+int64_t mix_cuda_workspace_bytes(const CudaMix& m, bool backward);
+// Whether the chunked solver (A = self, sparse B) serves this problem; otherwise the generic one.
+bool mix_cuda_fast_path(const CudaMix& m);
+
+// Forward: y [B,T,H,Dv] in the input type, lse [B,H,T] in float32.
+void mix_forward_cuda(const CudaMix& m, const void* q, const void* k, const void* v, const void* bias,
+                      const void* gate_w, void* y, float* lse, void* ws);
+// Backward: dq, dk, dv written in full (no zero fill needed); dbias_units [units, levels] and
+// dgate_units [units, levels, Dk] are float32, zero-filled, may be null when unused.
+void mix_backward_cuda(const CudaMix& m, const void* q, const void* k, const void* v, const void* bias,
+                       const void* gate_w, const void* y, const float* lse, const void* dy, void* dq, void* dk, void* dv,
+                       float* dbias_units, float* dgate_units, void* ws);
+
+// One decode step; every pointer of `pb` (pos, b_slot_of, new_a_slot, new_b_slot) is a device
+// pointer. nbl: B levels the cache serves (pattern.num_B_levels(max_context)).
+void decode_step_cuda(const PatternDesc& dev_pat, const DecodeProblem& pb, int32_t nbl, DType dtype, const void* q,
+                      const void* k, const void* v, const void* bias, const void* gate_w, void* kA, void* vA, void* kB,
+                      void* yB, void* y, void* stream);
 #endif
 
 }  // namespace tokmix::kernels

@@ -1,6 +1,7 @@
 // The only place where tensors meet kernels: input checks, layout, backend choice, autograd.
 #include "tokmix/mix.h"
 
+#include <malloc.h>
 #include <omp.h>
 
 #include <map>
@@ -9,6 +10,10 @@
 #include <thread>
 
 #include "tokmix/kernels.h"
+
+#ifdef TOKMIX_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#endif
 
 namespace tokmix {
 namespace {
@@ -131,19 +136,84 @@ Checked check(const Tensor& q, const Tensor& k, const Tensor& v, const Pattern& 
     levels = opt.gate_weight.size(1);
   }
   pb.levels = levels;
-  check_finite(q, "q");
-  if (!gate) check_finite(k, "k");
-  check_finite(v, "v");
+  // q, k, v are checked for NaN/Inf while they are laid out by head (one pass, see heads())
   check_finite(opt.bias, "bias");
   check_finite(opt.gate_weight, "gate_weight");
   return c;
 }
 
-// [B, T, H, D] -> memory [B, H, T, D] so that a head's rows are contiguous.
-Tensor to_heads(const Tensor& t) { return t.transpose(1, 2).contiguous(); }
-kernels::Strides heads_strides(const Tensor& th) {  // th is [B, H, T, D] contiguous
+// [B, T, H, D] -> memory [B, H, T, D] so that a head's rows are contiguous; refuses NaN/Inf.
+Tensor to_heads(const Tensor& t, const char* name) {
+  if (!t.is_cuda() && t.numel() > 0 && t.stride(3) == 1) {
+    Tensor out = torch::empty({t.size(0), t.size(2), t.size(1), t.size(3)}, t.options());
+    bool finite = true;
+    AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "relayout", [&] {
+      finite = kernels::relayout_to_heads_cpu<scalar_t>(t.data_ptr<scalar_t>(), t.size(0), t.size(1), t.size(2), t.size(3), t.stride(0),
+                                                        t.stride(1), t.stride(2), out.data_ptr<scalar_t>());
+    });
+    if (!finite) bad(std::string(name) + " contains NaN or Inf; expected finite values");
+    return out;
+  }
+  check_finite(t, name);
+  // the CUDA kernels read [B, T, H, D] as it is (a relayout would cost more than their forward)
+  if (t.is_cuda()) return t.contiguous();
+  return t.transpose(1, 2).contiguous();
+}
+// The logical [B, T, H, D] view of a tensor in kernel layout.
+Tensor from_heads(const Tensor& th) { return th.is_cuda() ? th : th.transpose(1, 2); }
+kernels::Strides heads_strides(const Tensor& th) {  // th is [B, H, T, D] contiguous ([B, T, H, D] on CUDA)
+  if (th.is_cuda()) return {th.stride(0), th.stride(1), th.stride(2)};
   return {th.stride(0), th.stride(2), th.stride(1)};
 }
+
+#ifdef TOKMIX_WITH_CUDA
+// Device copies of a pattern's f and a, made once per (pattern, device); patterns live for the
+// program (pattern_from_spec caches them), so the key never dangles.
+std::mutex g_dev_mu;
+std::map<std::pair<const Pattern*, int>, std::vector<Tensor>> g_dev_pat;
+
+PatternDesc device_desc(const Pattern& pat, const torch::Device& dev) {
+  PatternDesc d = pat.desc();
+  std::lock_guard<std::mutex> lk(g_dev_mu);
+  auto key = std::make_pair(&pat, static_cast<int>(dev.index()));
+  auto it = g_dev_pat.find(key);
+  if (it == g_dev_pat.end()) {
+    auto up = [&](const std::vector<int64_t>& x) {
+      return x.empty() ? torch::zeros({1}, torch::kInt64).to(dev) : torch::tensor(x, torch::kInt64).to(dev);
+    };
+    it = g_dev_pat.emplace(key, std::vector<Tensor>{up(pat.A().seq.f), up(pat.A().a), up(pat.B().seq.f), up(pat.B().a)}).first;
+  }
+  auto ptr = [](const Tensor& t, const int64_t* host) { return host ? t.data_ptr<int64_t>() : nullptr; };
+  d.A.f = ptr(it->second[0], d.A.f);
+  d.A.a = ptr(it->second[1], d.A.a);
+  d.B.f = ptr(it->second[2], d.B.f);
+  d.B.a = ptr(it->second[3], d.B.a);
+  return d;
+}
+
+kernels::DType cuda_dtype(const Tensor& t) {
+  switch (t.scalar_type()) {
+    case torch::kFloat32: return kernels::DType::F32;
+    case torch::kBFloat16: return kernels::DType::BF16;
+    case torch::kFloat16: return kernels::DType::F16;
+    default: bad(std::string("dtype ") + c10::toString(t.scalar_type()) + " is not supported on CUDA; expected float32, bfloat16 or float16");
+  }
+}
+
+kernels::CudaMix cuda_problem(const Pattern& pat, const Checked& c, const kernels::MixProblem& pb, const Tensor& q) {
+  kernels::CudaMix m;
+  m.host_pat = pat.desc();
+  m.dev_pat = device_desc(pat, q.device());
+  m.pb = pb;
+  m.max_seq = c.max_seq;
+  m.nbl = pat.num_B_levels(std::max<int64_t>(c.max_seq, 1));
+  m.dtype = cuda_dtype(q);
+  m.stream = at::cuda::getCurrentCUDAStream(q.device().index()).stream();
+  return m;
+}
+const void* cptr(const Tensor& t) { return t.defined() && t.numel() > 0 ? t.data_ptr() : nullptr; }
+void* mptr(const Tensor& t) { return t.defined() && t.numel() > 0 ? t.data_ptr() : nullptr; }
+#endif
 
 // LibTorch 1.13's Function::apply cannot take undefined tensors: absent optional inputs travel
 // as empty placeholders and are turned back into undefined tensors inside.
@@ -170,16 +240,17 @@ class MixFunction : public torch::autograd::Function<MixFunction> {
     opt.cu_seqlens = cu;
     Checked c = check(q, k, v, *pat, opt);
     const bool gate = c.pb.mode == kernels::Mode::Gate;
-    Tensor qh = to_heads(q), vh = to_heads(v), kh = gate ? qh : to_heads(k);
-    Tensor yh = torch::empty({c.pb.batch, c.pb.H, c.pb.T, c.pb.Dv}, v.options());
-    Tensor lse = torch::empty({c.pb.batch, c.pb.H, c.pb.T}, q.options());
+    Tensor qh = to_heads(q, "q"), vh = to_heads(v, "v"), kh = gate ? qh : to_heads(k, "k");
+    Tensor yh = q.is_cuda() ? torch::empty({c.pb.batch, c.pb.T, c.pb.H, c.pb.Dv}, v.options())
+                            : torch::empty({c.pb.batch, c.pb.H, c.pb.T, c.pb.Dv}, v.options());
+    Tensor lse = torch::empty({c.pb.batch, c.pb.H, c.pb.T}, q.is_cuda() ? q.options().dtype(torch::kFloat32) : q.options());
     run_forward(*pat, c, qh, kh, vh, bias, gate_w, yh, lse);
     ctx->save_for_backward({qh, kh, vh, yh, lse, placeholder(bias), placeholder(gate_w), placeholder(cu)});
     ctx->saved_data["spec"] = spec;
     ctx->saved_data["mode"] = mode;
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["gamma"] = gamma;
-    return {yh.transpose(1, 2)};
+    return {from_heads(yh)};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -194,22 +265,25 @@ class MixFunction : public torch::autograd::Function<MixFunction> {
     opt.bias = bias;
     opt.gate_weight = gate_w;
     opt.cu_seqlens = cu;
-    Tensor q = qh.transpose(1, 2), k = kh.transpose(1, 2), v = vh.transpose(1, 2);
+    Tensor q = from_heads(qh), k = from_heads(kh), v = from_heads(vh);
     Checked c = check(q, k, v, *pat, opt);
     const bool gate = c.pb.mode == kernels::Mode::Gate;
     Tensor dy = grads[0];
     if (!dy.defined()) dy = torch::zeros_like(v);
-    check_finite(dy, "dy");
-    Tensor dyh = to_heads(dy.to(v.scalar_type()));
-    Tensor dq = torch::zeros_like(qh), dv = torch::zeros_like(vh);
-    Tensor dk = gate ? Tensor() : torch::zeros_like(kh);
+    Tensor dyh = to_heads(dy.to(v.scalar_type()), "dy");
+    // the CUDA kernels write every element of dq, dk, dv
+    auto zeros = [](const Tensor& t) { return t.is_cuda() ? torch::empty_like(t) : torch::zeros_like(t); };
+    Tensor dq = zeros(qh), dv = zeros(vh);
+    Tensor dk = gate ? Tensor() : zeros(kh);
     const int64_t units = c.pb.num_units();
-    Tensor dbias_u = bias.defined() ? torch::zeros({units, c.pb.levels}, q.options()) : Tensor();
-    Tensor dgate_u = gate ? torch::zeros({units, c.pb.levels, c.pb.Dk}, q.options()) : Tensor();
+    // per-unit partial sums; float32 on CUDA whatever the input type
+    auto popt = q.is_cuda() ? q.options().dtype(torch::kFloat32) : q.options();
+    Tensor dbias_u = bias.defined() ? torch::zeros({units, c.pb.levels}, popt) : Tensor();
+    Tensor dgate_u = gate ? torch::zeros({units, c.pb.levels, c.pb.Dk}, popt) : Tensor();
     run_backward(*pat, c, qh, kh, vh, bias, gate_w, yh, lse, dyh, dq, dk, dv, dbias_u, dgate_u);
-    Tensor dbias = bias.defined() ? dbias_u.view({units / c.pb.H, c.pb.H, c.pb.levels}).sum(0) : Tensor();
-    Tensor dgate = gate ? dgate_u.view({units / c.pb.H, c.pb.H, c.pb.levels, c.pb.Dk}).sum(0) : Tensor();
-    return {dq.transpose(1, 2), gate ? Tensor() : dk.transpose(1, 2), dv.transpose(1, 2), dbias, dgate, Tensor(),
+    Tensor dbias = bias.defined() ? dbias_u.view({units / c.pb.H, c.pb.H, c.pb.levels}).sum(0).to(q.scalar_type()) : Tensor();
+    Tensor dgate = gate ? dgate_u.view({units / c.pb.H, c.pb.H, c.pb.levels, c.pb.Dk}).sum(0).to(q.scalar_type()) : Tensor();
+    return {from_heads(dq), gate ? Tensor() : from_heads(dk), from_heads(dv), dbias, dgate, Tensor(),
             Tensor(), Tensor(), Tensor(), Tensor()};
   }
 
@@ -230,7 +304,16 @@ class MixFunction : public torch::autograd::Function<MixFunction> {
     kernels::MixProblem pb = problem(c, qh, kh, vh, yh);
     const PatternDesc d = pat.desc();
     Tensor b = bias.defined() ? bias.contiguous() : Tensor(), g = gate_w.defined() ? gate_w.contiguous() : Tensor();
-    if (qh.is_cuda()) bad("this build has no CUDA backend (configure with -DTOKMIX_CUDA=ON)");
+    if (qh.is_cuda()) {
+#ifdef TOKMIX_WITH_CUDA
+      kernels::CudaMix m = cuda_problem(pat, c, pb, qh);
+      Tensor ws = torch::empty({kernels::mix_cuda_workspace_bytes(m, false)}, qh.options().dtype(torch::kUInt8));
+      kernels::mix_forward_cuda(m, cptr(qh), cptr(kh), cptr(vh), cptr(b), cptr(g), mptr(yh), lse.data_ptr<float>(), ws.data_ptr());
+      return;
+#else
+      bad("this build has no CUDA backend (configure with -DTOKMIX_CUDA=ON)");
+#endif
+    }
     AT_DISPATCH_FLOATING_TYPES(qh.scalar_type(), "mix_forward", [&] {
       kernels::mix_forward_cpu<scalar_t>(d, pb, qh.data_ptr<scalar_t>(), kh.data_ptr<scalar_t>(), vh.data_ptr<scalar_t>(),
                                          b.defined() ? b.data_ptr<scalar_t>() : nullptr, g.defined() ? g.data_ptr<scalar_t>() : nullptr,
@@ -245,6 +328,18 @@ class MixFunction : public torch::autograd::Function<MixFunction> {
     kernels::MixProblem pb = problem(c, qh, kh, vh, yh);
     const PatternDesc d = pat.desc();
     Tensor b = bias.defined() ? bias.contiguous() : Tensor(), g = gate_w.defined() ? gate_w.contiguous() : Tensor();
+    if (qh.is_cuda()) {
+#ifdef TOKMIX_WITH_CUDA
+      kernels::CudaMix m = cuda_problem(pat, c, pb, qh);
+      Tensor ws = torch::empty({kernels::mix_cuda_workspace_bytes(m, true)}, qh.options().dtype(torch::kUInt8));
+      auto fptr = [](const Tensor& t) { return t.defined() && t.numel() > 0 ? t.data_ptr<float>() : nullptr; };
+      kernels::mix_backward_cuda(m, cptr(qh), cptr(kh), cptr(vh), cptr(b), cptr(g), cptr(yh), lse.data_ptr<float>(), cptr(dyh),
+                                 mptr(dq), mptr(dk), mptr(dv), fptr(dbias_u), fptr(dgate_u), ws.data_ptr());
+      return;
+#else
+      bad("this build has no CUDA backend (configure with -DTOKMIX_CUDA=ON)");
+#endif
+    }
     AT_DISPATCH_FLOATING_TYPES(qh.scalar_type(), "mix_backward", [&] {
       auto ptr = [](const Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
       kernels::mix_backward_cpu<scalar_t>(d, pb, ptr(qh), ptr(kh), ptr(vh), ptr(b), ptr(g), ptr(yh), ptr(lse), ptr(dyh), ptr(dq),
@@ -282,6 +377,11 @@ torch::Tensor mix(const Tensor& q, const Tensor& k, const Tensor& v, const Patte
 
 void set_threads(int n) {
   if (n <= 0) n = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  // Keep large tensor buffers in the heap between calls: glibc's default returns each one to the
+  // kernel, and every step then pays page faults to clear fresh pages (measured: a third of the
+  // time of a small mixer's forward at T = 4096).
+  mallopt(M_MMAP_THRESHOLD, 1 << 30);
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);
   torch::set_num_threads(n);
   omp_set_num_threads(n);
 }
@@ -508,7 +608,32 @@ torch::Tensor MixCache::step(const Tensor& q, const Tensor& k, const Tensor& v, 
   Tensor gw = gate ? opt.gate_weight.contiguous() : Tensor();
   Tensor y = torch::empty({batch_, H_, Dv_}, v.options());
   const PatternDesc d = pattern_->desc();
-  if (q.is_cuda()) badstep("this build has no CUDA decode backend");
+  if (q.is_cuda()) {
+#ifdef TOKMIX_WITH_CUDA
+    // the step's small host tables travel in one pinned buffer and one copy
+    const int64_t ne = lattice_ ? batch_ * pb.max_entries : 0;
+    Tensor tab = torch::empty({3 * batch_ + std::max<int64_t>(ne, 1)}, torch::TensorOptions().dtype(torch::kInt64).pinned_memory(true));
+    int64_t* t = tab.data_ptr<int64_t>();
+    std::copy(pos_.begin(), pos_.end(), t);
+    std::copy(new_a.begin(), new_a.end(), t + batch_);
+    std::copy(new_b.begin(), new_b.end(), t + 2 * batch_);
+    if (ne) std::copy(slot_of.begin(), slot_of.end(), t + 3 * batch_);
+    Tensor dtab = tab.to(q.device(), /*non_blocking=*/true);
+    const int64_t* dt = dtab.data_ptr<int64_t>();
+    kernels::DecodeProblem dpb = pb;
+    dpb.pos = dt;
+    dpb.new_a_slot = dt + batch_;
+    dpb.new_b_slot = dt + 2 * batch_;
+    dpb.b_slot_of = lattice_ ? dt + 3 * batch_ : nullptr;
+    const PatternDesc dd = device_desc(*pattern_, q.device());
+    kernels::decode_step_cuda(dd, dpb, pattern_->num_B_levels(max_context_), cuda_dtype(q), cptr(qc), cptr(kc), cptr(vc), cptr(bias), cptr(gw),
+                              mptr(kA_), mptr(vA_), mptr(kB_), mptr(yB_), mptr(y), at::cuda::getCurrentCUDAStream(q.device().index()).stream());
+    for (auto& p : pos_) ++p;
+    return y;
+#else
+    badstep("this build has no CUDA decode backend (configure with -DTOKMIX_CUDA=ON)");
+#endif
+  }
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "decode_step", [&] {
     auto ptr = [](const Tensor& t) { return t.defined() && t.numel() > 0 ? t.data_ptr<scalar_t>() : nullptr; };
     kernels::decode_step_cpu<scalar_t>(d, pb, ptr(qc), ptr(kc), ptr(vc), ptr(bias), ptr(gw), ptr(kA_), ptr(vA_), ptr(kB_), ptr(yB_),

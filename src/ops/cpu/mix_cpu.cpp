@@ -11,12 +11,106 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "tokmix/kernels.h"
 
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#include <immintrin.h>
+#endif
+
 namespace tokmix::kernels {
 namespace {
+
+// Head rows of D floats held in vector registers (fp32 fast path). GCC's own vectorisation of
+// the per-entry dot products used gathers across entries and a serial scalar reduction; the
+// explicit form keeps q_i (or the output accumulator) in registers for the whole row.
+#if defined(__AVX512F__)
+using vf = __m512;
+constexpr int kW = 16;
+inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, vf v) { _mm512_storeu_ps(p, v); }
+inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+inline vf vset1(float x) { return _mm512_set1_ps(x); }
+inline vf vzero() { return _mm512_setzero_ps(); }
+inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+inline float vsum(vf v) { return _mm512_reduce_add_ps(v); }
+#elif defined(__AVX2__) && defined(__FMA__)
+using vf = __m256;
+constexpr int kW = 8;
+inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, vf v) { _mm256_storeu_ps(p, v); }
+inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+inline vf vset1(float x) { return _mm256_set1_ps(x); }
+inline vf vzero() { return _mm256_setzero_ps(); }
+inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
+inline float vsum(vf v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+#else
+constexpr int kW = 0;
+#endif
+
+template <class T, int D>
+constexpr bool kSimdRow = kW > 0 && std::is_same<T, float>::value && D > 0 && D % (kW > 0 ? kW : 1) == 0;
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+template <int D>
+struct Row {
+  static constexpr int N = D / kW;
+  vf r[N];
+  inline void load(const float* p) {
+#pragma GCC unroll 16
+    for (int v = 0; v < N; ++v) r[v] = vload(p + v * kW);
+  }
+  inline void zero() {
+#pragma GCC unroll 16
+    for (int v = 0; v < N; ++v) r[v] = vzero();
+  }
+  inline float dot(const float* p) const {
+    vf a0 = vzero(), a1 = vzero();
+#pragma GCC unroll 16
+    for (int v = 0; v < N; v += 2) {
+      a0 = vfma(r[v], vload(p + v * kW), a0);
+      if (v + 1 < N) a1 = vfma(r[v + 1], vload(p + (v + 1) * kW), a1);
+    }
+    return vsum(vadd(a0, a1));
+  }
+  inline void fma(float c, const float* p) {  // r += c * p
+    const vf cv = vset1(c);
+#pragma GCC unroll 16
+    for (int v = 0; v < N; ++v) r[v] = vfma(cv, vload(p + v * kW), r[v]);
+  }
+  inline void store(float* p) const {
+#pragma GCC unroll 16
+    for (int v = 0; v < N; ++v) vstore(p + v * kW, r[v]);
+  }
+  inline void add_to(float* p) const {
+#pragma GCC unroll 16
+    for (int v = 0; v < N; ++v) vstore(p + v * kW, vadd(vload(p + v * kW), r[v]));
+  }
+  inline void axpy_into(float* dst, float c) const {  // dst += c * r
+    const vf cv = vset1(c);
+#pragma GCC unroll 16
+    for (int v = 0; v < N; ++v) vstore(dst + v * kW, vfma(cv, r[v], vload(dst + v * kW)));
+  }
+};
+#else
+template <int D>
+struct Row {  // unused: kSimdRow is false without a vector ISA
+  inline void load(const float*) {}
+  inline void zero() {}
+  inline float dot(const float*) const { return 0; }
+  inline void fma(float, const float*) {}
+  inline void store(float*) const {}
+  inline void add_to(float*) const {}
+  inline void axpy_into(float*, float) const {}
+};
+#endif
 
 template <class T>
 inline T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
@@ -87,65 +181,363 @@ int64_t max_entries(const PatternDesc& pat, int64_t n) {
     }
     (void)is_b;
   };
-  return side(pat.A, false) + side(pat.B, true) + 1;
+  return side(pat.A, false) + side(pat.B, true) + 1 + 16;  // + padding for whole-vector loops
 }
 
-template <class T>
-inline void scores(const MixProblem& pb, const RowEntries& re, const T* qi, const T* kbase, int64_t kst,
-                   const T* bias_h, const T* gate_h, T* s) {
-  const int64_t ne = re.na + re.nb;
-  const T scale = static_cast<T>(pb.scale);
-  if (pb.mode == Mode::Softmax) {
-    for (int64_t e = 0; e < ne; ++e) s[e] = scale * dot(qi, kbase + re.pos[e] * kst, pb.Dk);
-  } else {
-    for (int64_t e = 0; e < ne; ++e) s[e] = dot(qi, gate_h + int64_t(re.lvl[e]) * pb.Dk, pb.Dk);
-  }
-  if (bias_h)
-    for (int64_t e = 0; e < ne; ++e) s[e] += bias_h[re.lvl[e]];
+// exp over an array. float: 2^x with a degree-7 polynomial (relative error ~1e-7, below the
+// float rounding of the sums it feeds), vectorised by hand: the libm call per entry cost more
+// than a row's dot products at D = 64, and GCC does not vectorise the bit-level scaling.
+inline float exp_poly(float f) {  // e^f for f in [-ln2/2, ln2/2]
+  float p = 1.f / 5040.f;
+  p = p * f + 1.f / 720.f;
+  p = p * f + 1.f / 120.f;
+  p = p * f + 1.f / 24.f;
+  p = p * f + 1.f / 6.f;
+  p = p * f + 0.5f;
+  p = p * f + 1.f;
+  return p * f + 1.f;
 }
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+inline vf vexp_shifted(vf x, vf shift) {
+  vf t = vfma(vadd(x, shift), vset1(1.4426950408889634f), vzero());
+#if defined(__AVX512F__)
+  t = _mm512_max_ps(t, vset1(-126.f));
+  const vf fi = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const vf f = _mm512_mul_ps(_mm512_sub_ps(t, fi), vset1(0.6931471805599453f));
+#else
+  t = _mm256_max_ps(t, vset1(-126.f));
+  const vf fi = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const vf f = _mm256_mul_ps(_mm256_sub_ps(t, fi), vset1(0.6931471805599453f));
+#endif
+  vf p = vset1(1.f / 5040.f);
+  p = vfma(p, f, vset1(1.f / 720.f));
+  p = vfma(p, f, vset1(1.f / 120.f));
+  p = vfma(p, f, vset1(1.f / 24.f));
+  p = vfma(p, f, vset1(1.f / 6.f));
+  p = vfma(p, f, vset1(0.5f));
+  p = vfma(p, f, vset1(1.f));
+  p = vfma(p, f, vset1(1.f));
+#if defined(__AVX512F__)
+  return _mm512_scalef_ps(p, fi);
+#else
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fi), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+#endif
+}
+#endif
+inline void exp_inplace(float* x, int64_t n, float shift) {
+  int64_t e = 0;
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+  // whole vectors: buffers are padded to a multiple of kW, lanes past n are never read
+  const vf sh = vset1(-shift);
+  for (; e < n; e += kW) vstore(x + e, vexp_shifted(vload(x + e), sh));
+#endif
+  for (; e < n; ++e) {
+    float t = (x[e] - shift) * 1.4426950408889634f;
+    t = t < -126.f ? -126.f : t;
+    const float fi = std::nearbyint(t);
+    x[e] = std::ldexp(exp_poly((t - fi) * 0.6931471805599453f), static_cast<int>(fi));
+  }
+}
+inline void exp_inplace(double* x, int64_t n, double shift) {
+  for (int64_t e = 0; e < n; ++e) x[e] = std::exp(x[e] - shift);
+}
+
+// Prefetch the rows that the entries of row i +/- dist will touch: for translation-invariant
+// patterns row i + dist reads exactly pos + dist, for the lattice nearly. Far levels are
+// otherwise each a separate stream, more than the hardware prefetchers follow.
+template <class T>
+inline void prefetch_row(const T* base, int64_t row, int64_t stride, int64_t width, int64_t n) {
+  if (row < 0 || row >= n) return;
+  const char* p = reinterpret_cast<const char*>(base + row * stride);
+  for (int64_t b = 0; b < width * int64_t(sizeof(T)); b += 64) __builtin_prefetch(p + b, 0, 3);
+}
+#ifndef PF
+#define PF 6
+#endif
+constexpr int64_t kPrefetchRows = PF;
+
+// The work of one (sequence, head) unit. DK/DV > 0 fix the head widths at compile time (the
+// common widths), so that the accumulators of a row live in registers; 0 reads them from pb.
+template <class T, int DK, int DV>
+struct UnitKernel {
+  const PatternDesc& pat;
+  const MixProblem& pb;
+  RowEntries& re;
+  T* s;  // scores / probabilities of the current row
+  T* dp;
+
+  int64_t dk() const { return DK > 0 ? DK : pb.Dk; }
+  int64_t dv() const { return DV > 0 ? DV : pb.Dv; }
+
+  // Scores of row i's entries (s_e), returns the entry count.
+  inline int64_t row_scores(int64_t i, const T* qi, const T* kb, int64_t kst, const T* bias_h, const T* gate_h) {
+    re.collect(pat, i);
+    const int64_t ne = re.na + re.nb, Dk = dk();
+    const T scale = static_cast<T>(pb.scale);
+    if constexpr (kSimdRow<T, DK>) {
+      Row<DK> qr;
+      qr.load(qi);
+      if (pb.mode == Mode::Softmax) {
+        for (int64_t e = 0; e < ne; ++e) s[e] = scale * qr.dot(kb + re.pos[e] * kst);
+      } else {
+        for (int64_t e = 0; e < ne; ++e) s[e] = qr.dot(gate_h + int64_t(re.lvl[e]) * Dk);
+      }
+    } else if (pb.mode == Mode::Softmax) {
+      for (int64_t e = 0; e < ne; ++e) {
+        const T* kj = kb + re.pos[e] * kst;
+        T acc = 0;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t d = 0; d < Dk; ++d) acc += qi[d] * kj[d];
+        s[e] = scale * acc;
+      }
+    } else {
+      for (int64_t e = 0; e < ne; ++e) {
+        const T* w = gate_h + int64_t(re.lvl[e]) * Dk;
+        T acc = 0;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t d = 0; d < Dk; ++d) acc += qi[d] * w[d];
+        s[e] = acc;
+      }
+    }
+    if (bias_h)
+      for (int64_t e = 0; e < ne; ++e) s[e] += bias_h[re.lvl[e]];
+    return ne;
+  }
+
+  void forward(const Unit& un, const T* q, const T* k, const T* v, const T* bias, const T* gate_w, T* y, T* lse) {
+    const T* qb = q + un.off_q;
+    const T* kb = k + un.off_k;
+    const T* vb = v + un.off_v;
+    T* yb = y + un.off_y;
+    const T* bias_h = bias ? bias + un.h * pb.levels : nullptr;
+    const T* gate_h = gate_w ? gate_w + un.h * pb.levels * pb.Dk : nullptr;
+    const T gamma = static_cast<T>(pb.gamma);
+    const int64_t Dv = dv(), Dk = dk();
+    const bool softmax = pb.mode == Mode::Softmax;
+    alignas(64) T acc_fixed[DV > 0 ? DV : 1];
+    std::vector<T> acc_dyn(DV > 0 ? 0 : Dv);
+    T* acc = DV > 0 ? acc_fixed : acc_dyn.data();
+    for (int64_t i = 0; i < un.n; ++i) {
+      const int64_t ne = row_scores(i, qb + i * pb.sq.st, kb, pb.sk.st, bias_h, gate_h);
+      T mx = s[0];
+      for (int64_t e = 1; e < ne; ++e) mx = s[e] > mx ? s[e] : mx;
+      exp_inplace(s, ne, mx);
+      T sum = 0;
+      for (int64_t e = 0; e < ne; ++e) sum += s[e];
+      const T inv = T(1) / sum;
+      auto prefetch_next = [&](int64_t e) {
+        const int64_t j = re.pos[e];
+        if (e >= re.na) {
+          prefetch_row(yb, j + kPrefetchRows, pb.sy.st, Dv, i);
+        } else if (j != i) {
+          prefetch_row(vb, j + kPrefetchRows, pb.sv.st, Dv, un.n);
+        }
+        if (softmax && j != i) prefetch_row(kb, j + kPrefetchRows, pb.sk.st, Dk, un.n);
+      };
+      T* yi = yb + i * pb.sy.st;
+      if constexpr (kSimdRow<T, DV>) {
+        Row<DV> ar;
+        ar.zero();
+        for (int64_t e = 0; e < ne; ++e) {
+          const bool isb = e >= re.na;
+          prefetch_next(e);
+          ar.fma((isb ? gamma : T(1)) * s[e] * inv, isb ? yb + re.pos[e] * pb.sy.st : vb + re.pos[e] * pb.sv.st);
+        }
+        ar.store(yi);
+      } else {
+        for (int64_t d = 0; d < Dv; ++d) acc[d] = 0;
+        for (int64_t e = 0; e < ne; ++e) {
+          const int64_t j = re.pos[e];
+          const bool isb = e >= re.na;
+          const T c = (isb ? gamma : T(1)) * s[e] * inv;
+          const T* src = isb ? yb + j * pb.sy.st : vb + j * pb.sv.st;
+          prefetch_next(e);
+#pragma omp simd
+          for (int64_t d = 0; d < Dv; ++d) acc[d] += c * src[d];
+        }
+#pragma omp simd
+        for (int64_t d = 0; d < Dv; ++d) yi[d] = acc[d];
+      }
+      lse[un.lse_off + i] = mx + std::log(sum);
+    }
+  }
+
+  void backward(const Unit& un, int64_t u, const T* q, const T* k, const T* v, const T* bias, const T* gate_w, const T* y,
+                const T* lse, const T* dy, T* dq, T* dkp, T* dvp, T* dbias_units, T* dgate_units, std::vector<T>& G) {
+    const T* qb = q + un.off_q;
+    const T* kb = k + un.off_k;
+    const T* vb = v + un.off_v;
+    const T* yb = y + un.off_y;
+    T* dqb = dq + un.off_q;
+    T* dkb = dkp ? dkp + un.off_k : nullptr;
+    T* dvb = dvp + un.off_v;
+    const T* bias_h = bias ? bias + un.h * pb.levels : nullptr;
+    const T* gate_h = gate_w ? gate_w + un.h * pb.levels * pb.Dk : nullptr;
+    T* db = dbias_units ? dbias_units + u * pb.levels : nullptr;
+    T* dg = dgate_units ? dgate_units + u * pb.levels * pb.Dk : nullptr;
+    const T gamma = static_cast<T>(pb.gamma), scale = static_cast<T>(pb.scale);
+    const int64_t Dv = dv(), Dk = dk();
+    const bool softmax = pb.mode == Mode::Softmax;
+    // G holds g = (I - B)^{-T} dy, row-contiguous; filled from dy, completed by scatter.
+    G.resize(un.n * Dv);
+    for (int64_t i = 0; i < un.n; ++i) {
+      const T* src = dy + un.off_y + i * pb.sy.st;
+#pragma omp simd
+      for (int64_t d = 0; d < Dv; ++d) G[i * Dv + d] = src[d];
+    }
+    alignas(64) T dq_fixed[DK > 0 ? DK : 1];
+    std::vector<T> dq_dyn(DK > 0 ? 0 : Dk);
+    T* dqa = DK > 0 ? dq_fixed : dq_dyn.data();
+    for (int64_t m = un.n - 1; m >= 0; --m) {
+      const T* qm = qb + m * pb.sq.st;
+      const int64_t ne = row_scores(m, qm, kb, pb.sk.st, bias_h, gate_h);
+      exp_inplace(s, ne, lse[un.lse_off + m]);
+      const T* gm = &G[m * Dv];
+      if constexpr (kSimdRow<T, DK> && kSimdRow<T, DV>) {
+        if (softmax) {
+          // q_m, g_m and the dq_m accumulator stay in registers for the whole row
+          Row<DK> qr, dqr;
+          Row<DV> gr;
+          qr.load(qm);
+          gr.load(gm);
+          dqr.zero();
+          T delta = 0;
+          for (int64_t e = 0; e < ne; ++e) {
+            const bool isb = e >= re.na;
+            const T* src = isb ? yb + re.pos[e] * pb.sy.st : vb + re.pos[e] * pb.sv.st;
+            dp[e] = (isb ? gamma : T(1)) * gr.dot(src);
+            delta += s[e] * dp[e];
+          }
+          for (int64_t e = 0; e < ne; ++e) {
+            const T p = s[e], ds = p * (dp[e] - delta), c = scale * ds;
+            const int64_t j = re.pos[e];
+            const bool isb = e >= re.na;
+            if (j != m) {
+              const int64_t jn = j - kPrefetchRows;
+              prefetch_row(kb, jn, pb.sk.st, Dk, un.n);
+              prefetch_row(dkb, jn, pb.sk.st, Dk, un.n);
+              if (isb) {
+                prefetch_row(yb, jn, pb.sy.st, Dv, un.n);
+                prefetch_row(G.data(), jn, Dv, Dv, un.n);
+              }
+            }
+            dqr.fma(c, kb + j * pb.sk.st);
+            qr.axpy_into(dkb + j * pb.sk.st, c);
+            if (db) db[re.lvl[e]] += ds;
+            gr.axpy_into(isb ? &G[j * Dv] : dvb + j * pb.sv.st, isb ? gamma * p : p);
+          }
+          dqr.add_to(dqb + m * pb.sq.st);
+          continue;
+        }
+      }
+      T delta = 0;
+      for (int64_t e = 0; e < ne; ++e) {
+        const int64_t j = re.pos[e];
+        const bool isb = e >= re.na;
+        const T* src = isb ? yb + j * pb.sy.st : vb + j * pb.sv.st;
+        T acc = 0;
+        if constexpr (kSimdRow<T, DV>) {
+          // g_m is re-read per entry from L1; a register copy would be the same loads
+          Row<DV> gr;
+          gr.load(gm);
+          acc = gr.dot(src);
+        } else {
+#pragma omp simd reduction(+ : acc)
+          for (int64_t d = 0; d < Dv; ++d) acc += gm[d] * src[d];
+        }
+        dp[e] = (isb ? gamma : T(1)) * acc;
+        delta += s[e] * dp[e];
+      }
+      for (int64_t d = 0; d < Dk; ++d) dqa[d] = 0;
+      for (int64_t e = 0; e < ne; ++e) {
+        const T p = s[e], ds = p * (dp[e] - delta);
+        const int64_t j = re.pos[e];
+        const bool isb = e >= re.na;
+        if (j != m) {  // rows that earlier rows (m - dist) will touch
+          const int64_t jn = j - kPrefetchRows;
+          if (softmax) {
+            prefetch_row(kb, jn, pb.sk.st, Dk, un.n);
+            prefetch_row(dkb, jn, pb.sk.st, Dk, un.n);
+          }
+          if (isb) {
+            prefetch_row(yb, jn, pb.sy.st, Dv, un.n);
+            prefetch_row(G.data(), jn, Dv, Dv, un.n);
+          } else {
+            prefetch_row(vb, jn, pb.sv.st, Dv, un.n);
+            prefetch_row(dvb, jn, pb.sv.st, Dv, un.n);
+          }
+        }
+        if (softmax && kSimdRow<T, DK>) {
+          if constexpr (kSimdRow<T, DK>) {
+            Row<DK> qr, dqr;
+            qr.load(qm);
+            dqr.load(dqa);
+            const T c = scale * ds;
+            dqr.fma(c, kb + j * pb.sk.st);
+            dqr.store(dqa);
+            qr.axpy_into(dkb + j * pb.sk.st, c);
+          }
+        } else if (softmax) {
+          const T* kj = kb + j * pb.sk.st;
+          T* dkj = dkb + j * pb.sk.st;
+          const T c = scale * ds;
+#pragma omp simd
+          for (int64_t d = 0; d < Dk; ++d) {
+            dqa[d] += c * kj[d];
+            dkj[d] += c * qm[d];
+          }
+        } else {
+          const T* w = gate_h + int64_t(re.lvl[e]) * Dk;
+          T* dw = dg + int64_t(re.lvl[e]) * Dk;
+#pragma omp simd
+          for (int64_t d = 0; d < Dk; ++d) {
+            dqa[d] += ds * w[d];
+            dw[d] += ds * qm[d];
+          }
+        }
+        if (db) db[re.lvl[e]] += ds;
+        T* dst = isb ? &G[j * Dv] : dvb + j * pb.sv.st;
+        const T c = isb ? gamma * p : p;
+#pragma omp simd
+        for (int64_t d = 0; d < Dv; ++d) dst[d] += c * gm[d];
+      }
+      T* dqm = dqb + m * pb.sq.st;
+#pragma omp simd
+      for (int64_t d = 0; d < Dk; ++d) dqm[d] += dqa[d];
+    }
+  }
+};
 
 }  // namespace
+
+// Calls fn.template operator()<DK, DV>() with the compile-time widths that match.
+template <class Fn>
+void with_widths(int64_t Dk, int64_t Dv, Fn&& fn) {
+  if (Dk == Dv && Dk == 64) return fn(std::integral_constant<int, 64>{});
+  if (Dk == Dv && Dk == 128) return fn(std::integral_constant<int, 128>{});
+  if (Dk == Dv && Dk == 32) return fn(std::integral_constant<int, 32>{});
+  if (Dk == Dv && Dk == 16) return fn(std::integral_constant<int, 16>{});
+  return fn(std::integral_constant<int, 0>{});
+}
 
 template <class T>
 void mix_forward_cpu(const PatternDesc& pat, const MixProblem& pb, const T* q, const T* k, const T* v, const T* bias,
                      const T* gate_w, T* y, T* lse) {
   const int64_t units = pb.num_units();
   const int64_t cap = max_entries(pat, pb.T);
+  with_widths(pb.Dk, pb.Dv, [&](auto W) {
+    constexpr int D = decltype(W)::value;
 #pragma omp parallel
-  {
-    RowEntries re;
-    re.reserve(cap);
-    std::vector<T> s(cap), acc(pb.Dv);
+    {
+      RowEntries re;
+      re.reserve(cap);
+      std::vector<T> s(cap), dp;
+      UnitKernel<T, D, D> kern{pat, pb, re, s.data(), nullptr};
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t u = 0; u < units; ++u) {
-      const Unit un = unit_of(pb, u);
-      const T* qb = q + un.off_q;
-      const T* kb = k + un.off_k;
-      const T* vb = v + un.off_v;
-      T* yb = y + un.off_y;
-      const T* bias_h = bias ? bias + un.h * pb.levels : nullptr;
-      const T* gate_h = gate_w ? gate_w + un.h * pb.levels * pb.Dk : nullptr;
-      const T gamma = static_cast<T>(pb.gamma);
-      for (int64_t i = 0; i < un.n; ++i) {
-        re.collect(pat, i);
-        const int64_t ne = re.na + re.nb;
-        scores(pb, re, qb + i * pb.sq.st, kb, pb.sk.st, bias_h, gate_h, s.data());
-        T mx = -std::numeric_limits<T>::infinity();
-        for (int64_t e = 0; e < ne; ++e) mx = std::max(mx, s[e]);
-        T sum = 0;
-        for (int64_t e = 0; e < ne; ++e) {
-          s[e] = std::exp(s[e] - mx);
-          sum += s[e];
-        }
-        const T inv = T(1) / sum;
-        std::fill(acc.begin(), acc.end(), T(0));
-        for (int64_t e = 0; e < re.na; ++e) axpy(acc.data(), s[e] * inv, vb + re.pos[e] * pb.sv.st, pb.Dv);
-        for (int64_t e = re.na; e < ne; ++e) axpy(acc.data(), gamma * s[e] * inv, yb + re.pos[e] * pb.sy.st, pb.Dv);
-        std::memcpy(yb + i * pb.sy.st, acc.data(), sizeof(T) * pb.Dv);
-        lse[un.lse_off + i] = mx + std::log(sum);
-      }
+      for (int64_t u = 0; u < units; ++u) kern.forward(unit_of(pb, u), q, k, v, bias, gate_w, y, lse);
     }
-  }
+  });
 }
 
 template <class T>
@@ -154,66 +546,19 @@ void mix_backward_cpu(const PatternDesc& pat, const MixProblem& pb, const T* q, 
                       T* dgate_units) {
   const int64_t units = pb.num_units();
   const int64_t cap = max_entries(pat, pb.T);
+  with_widths(pb.Dk, pb.Dv, [&](auto W) {
+    constexpr int D = decltype(W)::value;
 #pragma omp parallel
-  {
-    RowEntries re;
-    re.reserve(cap);
-    std::vector<T> p(cap), dp(cap), G;
+    {
+      RowEntries re;
+      re.reserve(cap);
+      std::vector<T> s(cap), dp(cap), G;
+      UnitKernel<T, D, D> kern{pat, pb, re, s.data(), dp.data()};
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t u = 0; u < units; ++u) {
-      const Unit un = unit_of(pb, u);
-      const T* qb = q + un.off_q;
-      const T* kb = k + un.off_k;
-      const T* vb = v + un.off_v;
-      const T* yb = y + un.off_y;
-      T* dqb = dq + un.off_q;
-      T* dkb = dk ? dk + un.off_k : nullptr;
-      T* dvb = dv + un.off_v;
-      const T* bias_h = bias ? bias + un.h * pb.levels : nullptr;
-      const T* gate_h = gate_w ? gate_w + un.h * pb.levels * pb.Dk : nullptr;
-      T* db = dbias_units ? dbias_units + u * pb.levels : nullptr;
-      T* dg = dgate_units ? dgate_units + u * pb.levels * pb.Dk : nullptr;
-      const T gamma = static_cast<T>(pb.gamma);
-      const T scale = static_cast<T>(pb.scale);
-      const int64_t Dv = pb.Dv, Dk = pb.Dk;
-      // G holds g = (I - B)^{-T} dy, row-contiguous; filled from dy, completed by scatter.
-      G.assign(un.n * Dv, T(0));
-      for (int64_t i = 0; i < un.n; ++i) std::memcpy(&G[i * Dv], dy + un.off_y + i * pb.sy.st, sizeof(T) * Dv);
-      for (int64_t m = un.n - 1; m >= 0; --m) {
-        re.collect(pat, m);
-        const int64_t ne = re.na + re.nb;
-        const T* qm = qb + m * pb.sq.st;
-        const T* gm = &G[m * Dv];
-        scores(pb, re, qm, kb, pb.sk.st, bias_h, gate_h, p.data());
-        const T l = lse[un.lse_off + m];
-        T delta = 0;
-        for (int64_t e = 0; e < ne; ++e) {
-          p[e] = std::exp(p[e] - l);
-          const bool isb = e >= re.na;
-          const T* src = isb ? yb + re.pos[e] * pb.sy.st : vb + re.pos[e] * pb.sv.st;
-          dp[e] = (isb ? gamma : T(1)) * dot(gm, src, Dv);
-          delta += p[e] * dp[e];
-        }
-        T* dqm = dqb + m * pb.sq.st;
-        for (int64_t e = 0; e < ne; ++e) {
-          const T ds = p[e] * (dp[e] - delta);
-          const int64_t j = re.pos[e];
-          if (pb.mode == Mode::Softmax) {
-            axpy(dqm, scale * ds, kb + j * pb.sk.st, Dk);
-            axpy(dkb + j * pb.sk.st, scale * ds, qm, Dk);
-          } else {
-            axpy(dqm, ds, gate_h + int64_t(re.lvl[e]) * Dk, Dk);
-            axpy(dg + int64_t(re.lvl[e]) * Dk, ds, qm, Dk);
-          }
-          if (db) db[re.lvl[e]] += ds;
-          if (e < re.na)
-            axpy(dvb + j * pb.sv.st, p[e], gm, Dv);
-          else
-            axpy(&G[j * Dv], gamma * p[e], gm, Dv);
-        }
-      }
+      for (int64_t u = 0; u < units; ++u)
+        kern.backward(unit_of(pb, u), u, q, k, v, bias, gate_w, y, lse, dy, dq, dk, dv, dbias_units, dgate_units, G);
     }
-  }
+  });
 }
 
 template <class T>
@@ -291,6 +636,31 @@ void decode_step_cpu(const PatternDesc& pat, const DecodeProblem& pb, const T* q
   }
 }
 
+template <class T>
+bool relayout_to_heads_cpu(const T* x, int64_t B, int64_t Tn, int64_t H, int64_t D, int64_t sb, int64_t st, int64_t sh, T* dst) {
+  // Token-major traversal: each source row [H, D] is read once, contiguously.
+  constexpr int64_t kBlock = 64;
+  const int64_t blocks = (Tn + kBlock - 1) / kBlock;
+  int bad = 0;
+#pragma omp parallel for collapse(2) schedule(static) reduction(| : bad) if (B * Tn * H * D > 65536)
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t tb = 0; tb < blocks; ++tb) {
+      T acc = 0;
+      for (int64_t t = tb * kBlock; t < std::min(Tn, (tb + 1) * kBlock); ++t)
+        for (int64_t h = 0; h < H; ++h) {
+          const T* r = x + b * sb + t * st + h * sh;
+          T* w = dst + ((b * H + h) * Tn + t) * D;
+#pragma omp simd reduction(+ : acc)
+          for (int64_t d = 0; d < D; ++d) {
+            w[d] = r[d];
+            acc += r[d] * T(0);  // NaN or Inf anywhere turns the sum into NaN
+          }
+        }
+      bad |= !(acc == acc);
+    }
+  return !bad;
+}
+
 #define TOKMIX_INSTANTIATE(T)                                                                                         \
   template void mix_forward_cpu<T>(const PatternDesc&, const MixProblem&, const T*, const T*, const T*, const T*,   \
                                    const T*, T*, T*);                                                                \
@@ -299,6 +669,8 @@ void decode_step_cpu(const PatternDesc& pat, const DecodeProblem& pb, const T* q
   template void decode_step_cpu<T>(const PatternDesc&, const DecodeProblem&, const T*, const T*, const T*, const T*, \
                                    const T*, T*, T*, T*, T*, T*);
 TOKMIX_INSTANTIATE(float)
+template bool relayout_to_heads_cpu<float>(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float*);
+template bool relayout_to_heads_cpu<double>(const double*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double*);
 TOKMIX_INSTANTIATE(double)
 
 }  // namespace tokmix::kernels

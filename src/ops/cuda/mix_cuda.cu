@@ -1,0 +1,1259 @@
+// CUDA kernels of the mixing op: forward, backward and the decode step. No LibTorch here: raw
+// pointers, a dtype tag and a cudaStream_t passed as void*. Arithmetic is float32 whatever the
+// storage type (float32, bfloat16, float16); outputs are written in the storage type.
+//
+// Two solvers.
+//  * Generic (every pattern): one block per (sequence, head), rows in order (backward: in
+//    reverse), the head width across threads; scores recomputed in backward from the saved
+//    log-sum-exp; g scattered row by row as on the CPU. Right for attention, windows, dense B.
+//  * Chunked (A = self, B = offsets or lattice: first-order, recurrence:K, pow2, sq1, lattices):
+//    the coefficients do not depend on y, so all scores, probabilities and, per chunk of C rows,
+//    M_c = (I - B_cc)^{-1} are computed in parallel first. What stays sequential is one short
+//    step per chunk: w = alpha*x + (taps that reach earlier chunks), y_c = M_c w, run by one
+//    block per (sequence, head, slice of 8 channels) since channels are independent given the
+//    coefficients. Backward runs the same chain on (I - B)^T with M_c^T, then the coefficient
+//    gradients in parallel. Transposed taps are gathered for offsets (m = i + f(k)); for the
+//    lattice, whose readers of a position form runs of consecutive rows, they are summed along
+//    each run and added with one atomic per run.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#ifndef TOKMIX_WITH_CUDA
+#define TOKMIX_WITH_CUDA  // this file is the CUDA half of the seam, whatever the build says
+#endif
+#include "tokmix/kernels.h"
+
+namespace tokmix::kernels {
+namespace {
+
+constexpr int kC = 64;                // rows per chunk
+constexpr int kDS = 8;                // channels per chain block
+constexpr int kChainThreads = kC * kDS;
+constexpr int kMaxFastLevels = 512;   // more B levels than this: generic solver
+constexpr int kGenThreads = 128;
+constexpr int kRowWarps = 8;          // warps per block in the row-parallel kernels
+
+void cu_check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) throw std::runtime_error(std::string("tokmix CUDA: ") + what + ": " + cudaGetErrorString(e));
+}
+#define TOKMIX_CU(x) cu_check((x), #x)
+#define TOKMIX_LAUNCHED(name) cu_check(cudaGetLastError(), name)
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+template <class T>
+__device__ __forceinline__ T from_f(float x);
+template <>
+__device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
+template <>
+__device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
+
+// Eight consecutive elements as floats; p must be 16-byte aligned.
+__device__ __forceinline__ void load8(const float* p, float* o) {
+  float4 a = *reinterpret_cast<const float4*>(p), b = *reinterpret_cast<const float4*>(p + 4);
+  o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w; o[4] = b.x; o[5] = b.y; o[6] = b.z; o[7] = b.w;
+}
+__device__ __forceinline__ void load8(const __nv_bfloat16* p, float* o) {
+  uint4 u = *reinterpret_cast<const uint4*>(p);
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    float2 f = __bfloat1622float2(h[j]);
+    o[2 * j] = f.x;
+    o[2 * j + 1] = f.y;
+  }
+}
+__device__ __forceinline__ void load8(const __half* p, float* o) {
+  uint4 u = *reinterpret_cast<const uint4*>(p);
+  const __half2* h = reinterpret_cast<const __half2*>(&u);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    float2 f = __half22float2(h[j]);
+    o[2 * j] = f.x;
+    o[2 * j + 1] = f.y;
+  }
+}
+
+// Dot of a float vector (shared memory) with a row in storage type.
+template <class T>
+__device__ __forceinline__ float dot_row(const float* a, const T* b, int n) {
+  float acc = 0.f;
+  if ((n & 7) == 0 && (reinterpret_cast<uintptr_t>(b) & 15) == 0) {
+    for (int d = 0; d < n; d += 8) {
+      float x[8];
+      load8(b + d, x);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) acc = fmaf(a[d + j], x[j], acc);
+    }
+  } else {
+    for (int d = 0; d < n; ++d) acc = fmaf(a[d], to_f(b[d]), acc);
+  }
+  return acc;
+}
+
+__host__ __device__ __forceinline__ int64_t lmin(int64_t x, int64_t y) { return x < y ? x : y; }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+// Block-wide reduction (every thread gets the result); red holds 32 floats.
+template <bool kMax>
+__device__ float block_reduce(float v, float* red) {
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+  v = kMax ? warp_max(v) : warp_sum(v);
+  __syncthreads();
+  if (lane == 0) red[w] = v;
+  __syncthreads();
+  float r = lane < nw ? red[lane] : (kMax ? -INFINITY : 0.f);
+  r = kMax ? warp_max(r) : warp_sum(r);
+  return r;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Supports by slot: slot e of a side is its e-th candidate (window distance, or level), so that
+// threads can visit a row's entries in any order. Matches visit_side entry for entry.
+
+__device__ __forceinline__ int64_t side_slots(const SideDesc& s, bool is_b, int64_t i, int32_t nbl) {
+  switch (s.kind) {
+    case SupportKind::Self: return 1;
+    case SupportKind::Window: {
+      int64_t dmax = i;
+      if (s.window > 0) dmax = lmin(dmax, is_b ? s.window : s.window - 1);
+      const int64_t n = dmax - (is_b ? 1 : 0) + 1;
+      return n > 0 ? n : 0;
+    }
+    case SupportKind::Offsets:
+    case SupportKind::Lattice: return nbl;
+    default: return 0;
+  }
+}
+
+// Lattice source (1-indexed) of row r at level k: a_k * ceil((r - f_k) / a_k); needs f_k < r.
+__device__ __forceinline__ int64_t lattice_p1(const SideDesc& s, int64_t r, int32_t k) {
+  const int64_t ak = s.a[k], x = r - s.f[k];
+  if (ak <= 0x7fffffff && x <= 0x7fffffff) {
+    const uint32_t a32 = static_cast<uint32_t>(ak);
+    return static_cast<int64_t>(((static_cast<uint32_t>(x) + a32 - 1) / a32)) * ak;
+  }
+  return ak * ((x + ak - 1) / ak);
+}
+
+__device__ __forceinline__ bool side_entry(const SideDesc& s, bool is_b, int64_t i, int64_t e, int64_t& pos, int32_t& lvl) {
+  switch (s.kind) {
+    case SupportKind::Self:
+      pos = i;
+      lvl = s.level_base;
+      return e == 0;
+    case SupportKind::Window: {
+      const int64_t d = e + (is_b ? 1 : 0);
+      pos = i - d;
+      lvl = s.level_base + window_level(is_b ? d - 1 : d);
+      return pos >= 0;
+    }
+    case SupportKind::Offsets:
+      if (e >= s.count || s.f[e] > i) return false;
+      pos = i - s.f[e];
+      lvl = s.level_base + static_cast<int32_t>(e);
+      return true;
+    case SupportKind::Lattice: {
+      const int64_t r = i + 1;
+      const int32_t k = static_cast<int32_t>(e);
+      if (k >= s.count || s.f[k] >= r) return false;
+      const int64_t p1 = lattice_p1(s, r, k);
+      if (k > 0 && lattice_p1(s, r, k - 1) == p1) return false;  // merged into the lower level
+      pos = p1 - 1;
+      lvl = s.level_base + k;
+      return true;
+    }
+    default:
+      return false;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Problem description on the device.
+
+struct SeqInfo {
+  int64_t b, t0, n, cbase;  // batch row, first token, length, first chunk (over all sequences)
+};
+
+struct KArgs {
+  PatternDesc pat;
+  int64_t H, T, Dk, Dv, levels;
+  Strides sq, sk, sv, sy;
+  int32_t mode;  // Mode
+  float scale, gamma;
+  int32_t nbl, kin;  // B levels; levels that can land inside a chunk (prefix)
+  int64_t cap;       // generic: entries per row, at most
+};
+
+__device__ __forceinline__ int64_t eoff(const Strides& s, const SeqInfo& q, int64_t t, int64_t h) {
+  return q.b * s.sb + (q.t0 + t) * s.st + h * s.sh;
+}
+// Row id of (sequence, head, token) in [B, H, T] arrays (lse, coefficient tables).
+__device__ __forceinline__ int64_t rid(const KArgs& a, const SeqInfo& q, int64_t h, int64_t t) {
+  return (q.b * a.H + h) * a.T + q.t0 + t;
+}
+
+template <class T>
+__device__ __forceinline__ float score_of(const KArgs& a, const float* qs, const T* kbase, const SeqInfo& sq, int64_t h,
+                                          int64_t pos, int32_t lvl, const T* bias, const T* gw) {
+  float s;
+  if (a.mode == static_cast<int32_t>(Mode::Softmax))
+    s = a.scale * dot_row(qs, kbase + eoff(a.sk, sq, pos, h), static_cast<int>(a.Dk));
+  else
+    s = dot_row(qs, gw + (h * a.levels + lvl) * a.Dk, static_cast<int>(a.Dk));
+  if (bias) s += to_f(bias[h * a.levels + lvl]);
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Generic solver
+
+template <class T>
+__global__ void __launch_bounds__(kGenThreads) gen_forward(KArgs a, const SeqInfo* seqs, const T* q, const T* k, const T* v,
+                                                           const T* bias, const T* gw, T* y, float* yf, float* lse,
+                                                           float* pbuf, int64_t* posbuf) {
+  extern __shared__ float sm[];
+  float* qs = sm;
+  float* red = sm + a.Dk;
+  const SeqInfo sq = seqs[blockIdx.x];
+  const int64_t h = blockIdx.y, unit = static_cast<int64_t>(blockIdx.x) * a.H + h;
+  float* pb = pbuf + unit * a.cap;
+  int64_t* ps = posbuf + unit * a.cap;
+  const int tid = threadIdx.x;
+  for (int64_t i = 0; i < sq.n; ++i) {
+    const T* qi = q + eoff(a.sq, sq, i, h);
+    for (int d = tid; d < a.Dk; d += kGenThreads) qs[d] = to_f(qi[d]);
+    __syncthreads();
+    const int64_t nA = side_slots(a.pat.A, false, i, a.nbl), ne = nA + side_slots(a.pat.B, true, i, a.nbl);
+    float mx = -INFINITY;
+    for (int64_t e = tid; e < ne; e += kGenThreads) {
+      int64_t pos;
+      int32_t lvl;
+      const bool isb = e >= nA;
+      const bool ok = isb ? side_entry(a.pat.B, true, i, e - nA, pos, lvl) : side_entry(a.pat.A, false, i, e, pos, lvl);
+      float s = -INFINITY;
+      if (ok) s = score_of(a, qs, k, sq, h, pos, lvl, bias, gw);
+      pb[e] = s;
+      ps[e] = ok ? pos : -1;
+      mx = fmaxf(mx, s);
+    }
+    mx = block_reduce<true>(mx, red);
+    float sum = 0.f;
+    for (int64_t e = tid; e < ne; e += kGenThreads)
+      if (ps[e] >= 0) sum += __expf(pb[e] - mx);
+    sum = block_reduce<false>(sum, red);
+    const float l = mx + logf(sum);
+    for (int64_t e = tid; e < ne; e += kGenThreads) pb[e] = ps[e] >= 0 ? __expf(pb[e] - l) * (e >= nA ? a.gamma : 1.f) : 0.f;
+    if (tid == 0) lse[rid(a, sq, h, i)] = l;
+    __syncthreads();
+    for (int64_t d = tid; d < a.Dv; d += kGenThreads) {
+      float acc = 0.f;
+      for (int64_t e = 0; e < ne; ++e) {
+        const int64_t pos = ps[e];
+        if (pos < 0) continue;
+        acc = fmaf(pb[e], e < nA ? to_f(v[eoff(a.sv, sq, pos, h) + d]) : yf[eoff(a.sy, sq, pos, h) + d], acc);
+      }
+      yf[eoff(a.sy, sq, i, h) + d] = acc;
+      y[eoff(a.sy, sq, i, h) + d] = from_f<T>(acc);
+    }
+    __syncthreads();
+  }
+}
+
+template <class T>
+__global__ void __launch_bounds__(kGenThreads)
+    gen_backward(KArgs a, const SeqInfo* seqs, const T* q, const T* k, const T* v, const T* bias, const T* gw, const T* y,
+                 const float* lse, const T* dy, T* dq, T* dk, T* dv, float* dbias_u, float* dgate_u, float* G, float* dkacc,
+                 float* dvacc, float* pbuf, float* ubuf, int64_t* posbuf, int32_t* lvlbuf) {
+  extern __shared__ float sm[];
+  float* qs = sm;
+  float* gs = sm + a.Dk;
+  float* red = gs + a.Dv;
+  const SeqInfo sq = seqs[blockIdx.x];
+  const int64_t h = blockIdx.y, unit = static_cast<int64_t>(blockIdx.x) * a.H + h;
+  float* pb = pbuf + unit * a.cap;
+  float* ub = ubuf + unit * a.cap;
+  int64_t* ps = posbuf + unit * a.cap;
+  int32_t* lv = lvlbuf + unit * a.cap;
+  const int tid = threadIdx.x;
+  const bool softmax = a.mode == static_cast<int32_t>(Mode::Softmax);
+  for (int64_t i = 0; i < sq.n; ++i) {
+    for (int64_t d = tid; d < a.Dv; d += kGenThreads) {
+      G[eoff(a.sy, sq, i, h) + d] = to_f(dy[eoff(a.sy, sq, i, h) + d]);
+      dvacc[eoff(a.sv, sq, i, h) + d] = 0.f;
+    }
+    if (softmax)
+      for (int64_t d = tid; d < a.Dk; d += kGenThreads) dkacc[eoff(a.sk, sq, i, h) + d] = 0.f;
+  }
+  __syncthreads();
+  for (int64_t m = sq.n - 1; m >= 0; --m) {
+    const T* qm = q + eoff(a.sq, sq, m, h);
+    for (int d = tid; d < a.Dk; d += kGenThreads) qs[d] = to_f(qm[d]);
+    for (int d = tid; d < a.Dv; d += kGenThreads) gs[d] = G[eoff(a.sy, sq, m, h) + d];
+    __syncthreads();
+    const float l = lse[rid(a, sq, h, m)];
+    const int64_t nA = side_slots(a.pat.A, false, m, a.nbl), ne = nA + side_slots(a.pat.B, true, m, a.nbl);
+    float part = 0.f;
+    for (int64_t e = tid; e < ne; e += kGenThreads) {
+      int64_t pos;
+      int32_t lvl;
+      const bool isb = e >= nA;
+      const bool ok = isb ? side_entry(a.pat.B, true, m, e - nA, pos, lvl) : side_entry(a.pat.A, false, m, e, pos, lvl);
+      float p = 0.f, cu = 0.f;
+      if (ok) {
+        p = __expf(score_of(a, qs, k, sq, h, pos, lvl, bias, gw) - l);
+        const float u = isb ? dot_row(gs, y + eoff(a.sy, sq, pos, h), static_cast<int>(a.Dv))
+                            : dot_row(gs, v + eoff(a.sv, sq, pos, h), static_cast<int>(a.Dv));
+        cu = p * (isb ? a.gamma : 1.f) * u;
+      }
+      pb[e] = p;
+      ub[e] = cu;
+      ps[e] = ok ? pos : -1;
+      lv[e] = lvl;
+      part += cu;
+    }
+    const float delta = block_reduce<false>(part, red);
+    for (int64_t e = tid; e < ne; e += kGenThreads) {
+      if (ps[e] < 0) continue;
+      const float ds = ub[e] - pb[e] * delta;
+      ub[e] = ds;
+      if (dbias_u) atomicAdd(&dbias_u[unit * a.levels + lv[e]], ds);
+    }
+    __syncthreads();
+    for (int64_t d = tid; d < a.Dk; d += kGenThreads) {
+      float acc = 0.f;
+      for (int64_t e = 0; e < ne; ++e) {
+        const int64_t pos = ps[e];
+        if (pos < 0) continue;
+        const float ds = ub[e];
+        if (softmax) {
+          acc = fmaf(ds, to_f(k[eoff(a.sk, sq, pos, h) + d]), acc);
+          dkacc[eoff(a.sk, sq, pos, h) + d] += a.scale * ds * qs[d];
+        } else {
+          acc = fmaf(ds, to_f(gw[(h * a.levels + lv[e]) * a.Dk + d]), acc);
+          dgate_u[(unit * a.levels + lv[e]) * a.Dk + d] += ds * qs[d];
+        }
+      }
+      dq[eoff(a.sq, sq, m, h) + d] = from_f<T>(softmax ? a.scale * acc : acc);
+    }
+    for (int64_t d = tid; d < a.Dv; d += kGenThreads) {
+      const float g = gs[d];
+      for (int64_t e = 0; e < ne; ++e) {
+        const int64_t pos = ps[e];
+        if (pos < 0) continue;
+        if (e < nA)
+          dvacc[eoff(a.sv, sq, pos, h) + d] += pb[e] * g;
+        else
+          G[eoff(a.sy, sq, pos, h) + d] += a.gamma * pb[e] * g;
+      }
+    }
+    __syncthreads();
+  }
+  for (int64_t i = 0; i < sq.n; ++i) {
+    for (int64_t d = tid; d < a.Dv; d += kGenThreads) dv[eoff(a.sv, sq, i, h) + d] = from_f<T>(dvacc[eoff(a.sv, sq, i, h) + d]);
+    if (softmax)
+      for (int64_t d = tid; d < a.Dk; d += kGenThreads) dk[eoff(a.sk, sq, i, h) + d] = from_f<T>(dkacc[eoff(a.sk, sq, i, h) + d]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Chunked solver. Tables per row R = (b*H + h)*T + t: P[R][0] = alpha_ii, P[R][1+k] = gamma *
+// beta of level k (0 when absent or merged); SRC[R][k] = source row within the sequence (-1
+// when absent). M[(chunk*H + h)][C][C] = (I - B_cc)^{-1} (or its transpose for backward).
+
+template <class T, bool kTransposeM>
+__global__ void __launch_bounds__(kRowWarps * 32)
+    coef_kernel(KArgs a, const SeqInfo* seqs, const int32_t* chunk_seq, const T* q, const T* k, const T* bias, const T* gw,
+                float* lse, float* P, int32_t* SRC, float* M) {
+  extern __shared__ float sm[];
+  const int S = 1 + a.nbl;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  float* qs = sm + warp * a.Dk;
+  float* ss = sm + kRowWarps * a.Dk + warp * S;
+  float* Ms = sm + kRowWarps * (a.Dk + S);
+  const int64_t cg = blockIdx.x, h = blockIdx.y;
+  const SeqInfo sq = seqs[chunk_seq[cg]];
+  const int64_t c0 = (cg - sq.cbase) * kC;
+  const int nvalid = static_cast<int>(lmin(kC, sq.n - c0));
+  for (int t = warp; t < nvalid; t += kRowWarps) {
+    const int64_t i = c0 + t, R = rid(a, sq, h, i);
+    const T* qi = q + eoff(a.sq, sq, i, h);
+    for (int d = lane; d < a.Dk; d += 32) qs[d] = to_f(qi[d]);
+    __syncwarp();
+    float mx = -INFINITY;
+    for (int e = lane; e < S; e += 32) {
+      int64_t pos = i;
+      int32_t lvl = a.pat.A.level_base;
+      const bool ok = e == 0 || side_entry(a.pat.B, true, i, e - 1, pos, lvl);
+      const float s = ok ? score_of(a, qs, k, sq, h, pos, lvl, bias, gw) : -INFINITY;
+      ss[e] = s;
+      mx = fmaxf(mx, s);
+      if (e > 0) SRC[R * a.nbl + e - 1] = ok ? static_cast<int32_t>(pos) : -1;
+    }
+    mx = warp_max(mx);
+    float sum = 0.f;
+    for (int e = lane; e < S; e += 32)
+      if (ss[e] != -INFINITY) sum += __expf(ss[e] - mx);
+    sum = warp_sum(sum);
+    const float l = mx + logf(sum);
+    if (lane == 0) lse[R] = l;
+    for (int e = lane; e < S; e += 32) P[R * S + e] = ss[e] != -INFINITY ? __expf(ss[e] - l) * (e > 0 ? a.gamma : 1.f) : 0.f;
+    __syncwarp();
+  }
+  __syncthreads();
+  // In-chunk taps (levels < kin) staged in shared memory by all threads, so that the column
+  // sweeps below wait on shared memory, not on dependent global loads.
+  int32_t* tsrc = reinterpret_cast<int32_t*>(Ms + kC * (kC + 1));
+  float* tp = reinterpret_cast<float*>(tsrc + kC * a.kin);
+  for (int idx = threadIdx.x; idx < kC * a.kin; idx += blockDim.x) {
+    const int t = idx / a.kin, kk = idx % a.kin;
+    int32_t sl = -1;
+    float pv = 0.f;
+    if (t < nvalid) {
+      const int64_t R = rid(a, sq, h, c0 + t);
+      const int64_t src = SRC[R * a.nbl + kk];
+      if (src >= c0) {
+        sl = static_cast<int32_t>(src - c0);
+        pv = P[R * S + 1 + kk];
+      }
+    }
+    tsrc[idx] = sl;
+    tp[idx] = pv;
+  }
+  __syncthreads();
+  // Column j of M = (I - B_cc)^{-1} depends only on column j: one thread per column, no barrier.
+  if (threadIdx.x < kC) {
+    const int j = threadIdx.x;
+    for (int t = 0; t < kC; ++t) {
+      float mval = t == j ? 1.f : 0.f;
+      if (t > j)
+        for (int kk = 0; kk < a.kin; ++kk) {
+          const int sl = tsrc[t * a.kin + kk];
+          if (sl >= j && sl < t) mval = fmaf(tp[t * a.kin + kk], Ms[sl * (kC + 1) + j], mval);
+        }
+      Ms[t * (kC + 1) + j] = mval;
+    }
+  }
+  __syncthreads();
+  float* Mg = M + (cg * a.H + h) * kC * kC;
+  for (int idx = threadIdx.x; idx < kC * kC; idx += blockDim.x) {
+    const int r = idx / kC, c = idx % kC;
+    Mg[idx] = kTransposeM ? Ms[c * (kC + 1) + r] : Ms[r * (kC + 1) + c];
+  }
+}
+
+// Sequential chain over chunks, forward: y_c = M_c (alpha x + long taps). Each thread owns
+// one row of the chunk and kV channels (kDS apart). The step is bound by memory latency, so
+// every load that does not depend on the previous chunk is issued in batches of kBatch (one
+// round trip per batch instead of one per level), and M_c is loaded into registers meanwhile.
+constexpr int kBatch = 16;
+
+template <class T, int kV>
+__global__ void __launch_bounds__(kChainThreads)
+    chain_forward(KArgs a, const SeqInfo* seqs, const T* v, const float* P, const int32_t* SRC, const float* M, T* y, float* yf) {
+  __shared__ float Ms[kC][kC + 1];
+  __shared__ float W[kC][kDS * kV];
+  const SeqInfo sq = seqs[blockIdx.x];
+  const int64_t h = blockIdx.y;
+  const int t = threadIdx.x / kDS, dd = threadIdx.x % kDS;
+  const int64_t d0 = static_cast<int64_t>(blockIdx.z) * kDS * kV + dd;  // channels d0 + j*kDS
+  const int S = 1 + a.nbl;
+  const int64_t nch = (sq.n + kC - 1) / kC;
+  constexpr int kMPer = kC * kC / kChainThreads;
+  for (int64_t c = 0; c < nch; ++c) {
+    const int64_t c0 = c * kC, i = c0 + t;
+    const bool row = i < sq.n;
+    const float* Mg = M + ((sq.cbase + c) * a.H + h) * kC * kC;
+    float mreg[kMPer];
+#pragma unroll
+    for (int r = 0; r < kMPer; ++r) mreg[r] = Mg[threadIdx.x + r * kChainThreads];
+    float w[kV];
+#pragma unroll
+    for (int j = 0; j < kV; ++j) w[j] = 0.f;
+    if (row) {
+      const int64_t R = rid(a, sq, h, i);
+      const float alpha = P[R * S];
+      const T* vi = v + eoff(a.sv, sq, i, h);
+#pragma unroll
+      for (int j = 0; j < kV; ++j) {
+        const int64_t d = d0 + j * kDS;
+        if (d < a.Dv) w[j] = alpha * to_f(vi[d]);
+      }
+      const int32_t* src = SRC + R * a.nbl;
+      const float* pr = P + R * S + 1;
+      const float* ybase = yf + eoff(a.sy, sq, 0, h);
+      for (int k0 = 0; k0 < a.nbl; k0 += kBatch) {
+        int64_t so[kBatch];
+        float pv[kBatch];
+#pragma unroll
+        for (int b = 0; b < kBatch; ++b) {
+          const int kk = k0 + b;
+          const int64_t s = kk < a.nbl ? src[kk] : -1;
+          pv[b] = kk < a.nbl ? pr[kk] : 0.f;
+          so[b] = s >= 0 && s < c0 ? s * a.sy.st : -1;
+        }
+#pragma unroll
+        for (int j = 0; j < kV; ++j) {
+          const int64_t d = d0 + j * kDS;
+          if (d >= a.Dv) continue;
+          float yv[kBatch];
+#pragma unroll
+          for (int b = 0; b < kBatch; ++b) yv[b] = so[b] >= 0 ? ybase[so[b] + d] : 0.f;
+#pragma unroll
+          for (int b = 0; b < kBatch; ++b) w[j] = fmaf(pv[b], yv[b], w[j]);
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kV; ++j) W[t][dd + j * kDS] = w[j];
+#pragma unroll
+    for (int r = 0; r < kMPer; ++r) {
+      const int idx = threadIdx.x + r * kChainThreads;
+      Ms[idx / kC][idx % kC] = mreg[r];
+    }
+    __syncthreads();
+    if (row) {
+      float acc[kV];
+#pragma unroll
+      for (int j = 0; j < kV; ++j) acc[j] = 0.f;
+      for (int s2 = 0; s2 <= t; ++s2) {
+        const float m = Ms[t][s2];
+#pragma unroll
+        for (int j = 0; j < kV; ++j) acc[j] = fmaf(m, W[s2][dd + j * kDS], acc[j]);
+      }
+      const int64_t o = eoff(a.sy, sq, i, h);
+#pragma unroll
+      for (int j = 0; j < kV; ++j) {
+        const int64_t d = d0 + j * kDS;
+        if (d >= a.Dv) continue;
+        yf[o + d] = acc[j];
+        y[o + d] = from_f<T>(acc[j]);
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// Sequential chain over chunks in reverse, backward: g_c = M_c^T (dy + transposed long taps).
+template <class T, bool kLattice, int kV>
+__global__ void __launch_bounds__(kChainThreads)
+    chain_backward(KArgs a, const SeqInfo* seqs, const T* dy, const float* P, const int32_t* SRC, const float* MT, float* G) {
+  __shared__ float Ms[kC][kC + 1];
+  __shared__ float W[kC][kDS * kV];
+  __shared__ float Gs[kC][kDS * kV];
+  __shared__ int64_t fsm[kMaxFastLevels];
+  const SeqInfo sq = seqs[blockIdx.x];
+  const int64_t h = blockIdx.y;
+  const int t = threadIdx.x / kDS, dd = threadIdx.x % kDS;
+  const int64_t d0 = static_cast<int64_t>(blockIdx.z) * kDS * kV + dd;
+  const int S = 1 + a.nbl;
+  const int64_t nch = (sq.n + kC - 1) / kC;
+  constexpr int kMPer = kC * kC / kChainThreads;
+  if (!kLattice)
+    for (int kk = threadIdx.x; kk < a.nbl; kk += kChainThreads) fsm[kk] = a.pat.B.f[kk];
+  __syncthreads();
+  float* gbase = G + eoff(a.sy, sq, 0, h);
+  for (int64_t c = nch - 1; c >= 0; --c) {
+    const int64_t c0 = c * kC, i = c0 + t;
+    const bool row = i < sq.n;
+    const int nvalid = static_cast<int>(lmin(kC, sq.n - c0));
+    const float* Mg = MT + ((sq.cbase + c) * a.H + h) * kC * kC;
+    float mreg[kMPer];
+#pragma unroll
+    for (int r = 0; r < kMPer; ++r) mreg[r] = Mg[threadIdx.x + r * kChainThreads];
+    float w[kV];
+#pragma unroll
+    for (int j = 0; j < kV; ++j) w[j] = 0.f;
+    if (row) {
+      const int64_t o = i * a.sy.st;
+      const T* dyi = dy + eoff(a.sy, sq, i, h);
+#pragma unroll
+      for (int j = 0; j < kV; ++j) {
+        const int64_t d = d0 + j * kDS;
+        if (d >= a.Dv) continue;
+        w[j] = to_f(dyi[d]);
+        if (kLattice) w[j] += __ldcg(&gbase[o + d]);  // sums added by later chunks
+      }
+      if (!kLattice) {
+        for (int k0 = 0; k0 < a.nbl; k0 += kBatch) {
+          int64_t mo[kBatch];
+          float pv[kBatch];
+#pragma unroll
+          for (int b = 0; b < kBatch; ++b) {
+            const int kk = k0 + b;
+            const int64_t mrow = kk < a.nbl ? i + fsm[kk] : sq.n;
+            const bool ok = mrow < sq.n && mrow >= c0 + kC;
+            pv[b] = ok ? P[rid(a, sq, h, mrow) * S + 1 + kk] : 0.f;
+            mo[b] = ok ? mrow * a.sy.st : -1;
+          }
+#pragma unroll
+          for (int j = 0; j < kV; ++j) {
+            const int64_t d = d0 + j * kDS;
+            if (d >= a.Dv) continue;
+            float gv[kBatch];
+#pragma unroll
+            for (int b = 0; b < kBatch; ++b) gv[b] = mo[b] >= 0 ? gbase[mo[b] + d] : 0.f;
+#pragma unroll
+            for (int b = 0; b < kBatch; ++b) w[j] = fmaf(pv[b], gv[b], w[j]);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kV; ++j) W[t][dd + j * kDS] = w[j];
+#pragma unroll
+    for (int r = 0; r < kMPer; ++r) {
+      const int idx = threadIdx.x + r * kChainThreads;
+      Ms[idx / kC][idx % kC] = mreg[r];
+    }
+    __syncthreads();
+    float g[kV];
+#pragma unroll
+    for (int j = 0; j < kV; ++j) g[j] = 0.f;
+    if (row) {
+      for (int s2 = t; s2 < nvalid; ++s2) {
+        const float m = Ms[t][s2];
+#pragma unroll
+        for (int j = 0; j < kV; ++j) g[j] = fmaf(m, W[s2][dd + j * kDS], g[j]);
+      }
+#pragma unroll
+      for (int j = 0; j < kV; ++j) {
+        const int64_t d = d0 + j * kDS;
+        if (d < a.Dv) gbase[i * a.sy.st + d] = g[j];
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kV; ++j) Gs[t][dd + j * kDS] = g[j];
+    __syncthreads();
+    if (kLattice) {
+      // readers of one source form runs of consecutive rows: one atomic per run
+      for (int pair = threadIdx.x; pair < a.nbl * kDS * kV; pair += kChainThreads) {
+        const int kk = pair / (kDS * kV), c2 = pair % (kDS * kV);
+        const int64_t dch = static_cast<int64_t>(blockIdx.z) * kDS * kV + c2;
+        if (dch >= a.Dv) continue;
+        int64_t cur = -1;
+        float acc = 0.f;
+        for (int t0 = 0; t0 < nvalid; t0 += 8) {
+          int32_t sv[8];
+          float pv[8];
+#pragma unroll
+          for (int b = 0; b < 8; ++b) {
+            const int t2 = t0 + b;
+            const int64_t R2 = rid(a, sq, h, c0 + t2);
+            sv[b] = t2 < nvalid ? SRC[R2 * a.nbl + kk] : -1;
+            pv[b] = t2 < nvalid ? P[R2 * S + 1 + kk] : 0.f;
+          }
+#pragma unroll
+          for (int b = 0; b < 8; ++b) {
+            const int64_t s = sv[b];
+            if (s < 0 || s >= c0) continue;
+            if (s != cur) {
+              if (cur >= 0) atomicAdd(&gbase[cur * a.sy.st + dch], acc);
+              cur = s;
+              acc = 0.f;
+            }
+            acc = fmaf(pv[b], Gs[t0 + b][c2], acc);
+          }
+        }
+        if (cur >= 0) atomicAdd(&gbase[cur * a.sy.st + dch], acc);
+      }
+      __threadfence();
+      __syncthreads();
+    }
+  }
+}
+
+// Row-parallel coefficient gradients once g is known: dq, dv, ds (kept for dk), bias, gate.
+template <class T>
+__global__ void __launch_bounds__(kRowWarps * 32)
+    grad_rows(KArgs a, const SeqInfo* seqs, const int32_t* chunk_seq, const T* q, const T* k, const T* v, const T* gw,
+              const T* y, const float* P, const int32_t* SRC, const float* G, T* dq, T* dv, float* DS, float* dbias_u,
+              float* dgate_u) {
+  extern __shared__ float sm[];
+  const int S = 1 + a.nbl;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  float* gs = sm + warp * a.Dv;
+  float* es = sm + kRowWarps * a.Dv + warp * S;
+  const int64_t cg = blockIdx.x, h = blockIdx.y;
+  const int64_t s_idx = chunk_seq[cg];
+  const SeqInfo sq = seqs[s_idx];
+  const int64_t unit = s_idx * a.H + h;
+  const int64_t c0 = (cg - sq.cbase) * kC;
+  const int nvalid = static_cast<int>(lmin(kC, sq.n - c0));
+  const bool softmax = a.mode == static_cast<int32_t>(Mode::Softmax);
+  for (int t = warp; t < nvalid; t += kRowWarps) {
+    const int64_t i = c0 + t, R = rid(a, sq, h, i);
+    for (int d = lane; d < a.Dv; d += 32) gs[d] = G[eoff(a.sy, sq, i, h) + d];
+    __syncwarp();
+    float part = 0.f;
+    for (int e = lane; e < S; e += 32) {
+      const float c = P[R * S + e];
+      float cu = 0.f;
+      if (c != 0.f) {
+        const float u = e == 0 ? dot_row(gs, v + eoff(a.sv, sq, i, h), static_cast<int>(a.Dv))
+                               : dot_row(gs, y + eoff(a.sy, sq, SRC[R * a.nbl + e - 1], h), static_cast<int>(a.Dv));
+        cu = c * u;
+      }
+      es[e] = cu;
+      part += cu;
+    }
+    const float delta = warp_sum(part);
+    for (int e = lane; e < S; e += 32) {
+      const float c = P[R * S + e];
+      const float p = e == 0 ? c : c / a.gamma;
+      const float ds = c != 0.f ? es[e] - p * delta : 0.f;
+      es[e] = ds;
+      DS[R * S + e] = ds;
+      if (dbias_u && c != 0.f) atomicAdd(&dbias_u[unit * a.levels + (e == 0 ? a.pat.A.level_base : a.pat.B.level_base + e - 1)], ds);
+    }
+    __syncwarp();
+    const T* qi = q + eoff(a.sq, sq, i, h);
+    for (int d = lane; d < a.Dk; d += 32) {
+      float acc = 0.f;
+      const float qd = to_f(qi[d]);
+      for (int e = 0; e < S; ++e) {
+        const float ds = es[e];
+        if (ds == 0.f) continue;
+        const int32_t lvl = e == 0 ? a.pat.A.level_base : a.pat.B.level_base + e - 1;
+        if (softmax) {
+          const int64_t src = e == 0 ? i : SRC[R * a.nbl + e - 1];
+          acc = fmaf(ds, to_f(k[eoff(a.sk, sq, src, h) + d]), acc);
+        } else {
+          acc = fmaf(ds, to_f(gw[(h * a.levels + lvl) * a.Dk + d]), acc);
+          atomicAdd(&dgate_u[(unit * a.levels + lvl) * a.Dk + d], ds * qd);
+        }
+      }
+      dq[eoff(a.sq, sq, i, h) + d] = from_f<T>(softmax ? a.scale * acc : acc);
+    }
+    const float alpha = P[R * S];
+    for (int d = lane; d < a.Dv; d += 32) dv[eoff(a.sv, sq, i, h) + d] = from_f<T>(alpha * gs[d]);
+    __syncwarp();
+  }
+}
+
+// dk for offsets: gather over the transposed pattern (readers of j are j + f(k)).
+template <class T>
+__global__ void __launch_bounds__(kRowWarps * 32)
+    dk_gather(KArgs a, const SeqInfo* seqs, const int32_t* chunk_seq, const T* q, const float* DS, T* dk) {
+  const int S = 1 + a.nbl;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t cg = blockIdx.x, h = blockIdx.y;
+  const SeqInfo sq = seqs[chunk_seq[cg]];
+  const int64_t c0 = (cg - sq.cbase) * kC;
+  const int nvalid = static_cast<int>(lmin(kC, sq.n - c0));
+  const int64_t* f = a.pat.B.f;
+  for (int t = warp; t < nvalid; t += kRowWarps) {
+    const int64_t j = c0 + t;
+    const float dsa = DS[rid(a, sq, h, j) * S];
+    for (int d = lane; d < a.Dk; d += 32) {
+      float acc = dsa * to_f(q[eoff(a.sq, sq, j, h) + d]);
+      for (int kk = 0; kk < a.nbl; ++kk) {
+        const int64_t m = j + f[kk];
+        if (m >= sq.n) break;
+        acc = fmaf(DS[rid(a, sq, h, m) * S + 1 + kk], to_f(q[eoff(a.sq, sq, m, h) + d]), acc);
+      }
+      dk[eoff(a.sk, sq, j, h) + d] = from_f<T>(a.scale * acc);
+    }
+  }
+}
+
+// dk for the lattice: readers grouped in runs, one atomic per run (warp per level).
+template <class T>
+__global__ void __launch_bounds__(kRowWarps * 32)
+    dk_lattice_scatter(KArgs a, const SeqInfo* seqs, const int32_t* chunk_seq, const T* q, const float* DS,
+                       const int32_t* SRC, float* dkacc) {
+  const int S = 1 + a.nbl;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t cg = blockIdx.x, h = blockIdx.y;
+  const SeqInfo sq = seqs[chunk_seq[cg]];
+  const int64_t c0 = (cg - sq.cbase) * kC;
+  const int nvalid = static_cast<int>(lmin(kC, sq.n - c0));
+  for (int kk = warp; kk < a.nbl; kk += kRowWarps) {
+    for (int d = lane; d < a.Dk; d += 32) {
+      int64_t cur = -1;
+      float acc = 0.f;
+      for (int t = 0; t < nvalid; ++t) {
+        const int64_t R = rid(a, sq, h, c0 + t);
+        const int64_t s = SRC[R * a.nbl + kk];
+        if (s < 0) continue;
+        if (s != cur) {
+          if (cur >= 0) atomicAdd(&dkacc[eoff(a.sk, sq, cur, h) + d], acc);
+          cur = s;
+          acc = 0.f;
+        }
+        acc = fmaf(DS[R * S + 1 + kk], to_f(q[eoff(a.sq, sq, c0 + t, h) + d]), acc);
+      }
+      if (cur >= 0) atomicAdd(&dkacc[eoff(a.sk, sq, cur, h) + d], acc);
+    }
+  }
+}
+
+template <class T>
+__global__ void dk_lattice_finish(KArgs a, const SeqInfo* seqs, const int32_t* chunk_seq, const T* q, const float* DS,
+                                  const float* dkacc, T* dk) {
+  const int S = 1 + a.nbl;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t cg = blockIdx.x, h = blockIdx.y;
+  const SeqInfo sq = seqs[chunk_seq[cg]];
+  const int64_t c0 = (cg - sq.cbase) * kC;
+  const int nvalid = static_cast<int>(lmin(kC, sq.n - c0));
+  for (int t = warp; t < nvalid; t += kRowWarps) {
+    const int64_t j = c0 + t;
+    const float dsa = DS[rid(a, sq, h, j) * S];
+    for (int d = lane; d < a.Dk; d += 32) {
+      const int64_t o = eoff(a.sk, sq, j, h) + d;
+      dk[o] = from_f<T>(a.scale * (dsa * to_f(q[eoff(a.sq, sq, j, h) + d]) + dkacc[o]));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode: one block per (sequence, head); entries in tiles with a running max (online softmax),
+// so the scratch does not grow with the context.
+
+struct DecArgs {
+  PatternDesc pat;
+  DecodeProblem pb;
+  int32_t nbl;
+};
+constexpr int kDecThreads = 128;
+constexpr int kDecMaxLevels = 2048;
+
+template <class T>
+__global__ void __launch_bounds__(kDecThreads) decode_kernel(DecArgs a, const T* q, const T* k, const T* v, const T* bias,
+                                                             const T* gw, T* kA, T* vA, T* kB, T* yB, T* y) {
+  extern __shared__ float sm[];
+  const DecodeProblem& pb = a.pb;
+  float* qs = sm;                  // Dk
+  float* ptile = qs + pb.Dk;       // kDecThreads
+  float* red = ptile + kDecThreads;  // 32
+  __shared__ const T* kt[kDecThreads];
+  __shared__ const T* vt[kDecThreads];
+  __shared__ int32_t bslot[kDecMaxLevels];
+  const int64_t b = blockIdx.x, h = blockIdx.y, u = b * pb.H + h;
+  const int64_t i = pb.pos[b];
+  const int tid = threadIdx.x;
+  const int64_t Dk = pb.Dk, Dv = pb.Dv;
+  const T* qi = q + u * Dk;
+  const T* ki = k + u * Dk;
+  const T* vi = v + u * Dv;
+  const bool lattice = pb.b_slot_of != nullptr;
+  for (int64_t d = tid; d < Dk; d += kDecThreads) qs[d] = to_f(qi[d]);
+  if (lattice && tid == 0) {
+    int64_t ord = 0;
+    for (int32_t kk = 0; kk < a.nbl && kk < kDecMaxLevels; ++kk) {
+      int64_t pos;
+      int32_t lvl;
+      bslot[kk] = side_entry(a.pat.B, true, i, kk, pos, lvl) ? static_cast<int32_t>(pb.b_slot_of[b * pb.max_entries + ord++]) : -1;
+    }
+  }
+  __syncthreads();
+  const int64_t nA = side_slots(a.pat.A, false, i, a.nbl), ne = nA + side_slots(a.pat.B, true, i, a.nbl);
+  const float gamma = static_cast<float>(pb.gamma), scale = static_cast<float>(pb.scale);
+  constexpr int kMaxV = 4;  // Dv <= 4 * kDecThreads (checked by the caller)
+  float acc[kMaxV];
+#pragma unroll
+  for (int j = 0; j < kMaxV; ++j) acc[j] = 0.f;
+  float run_max = -INFINITY, run_sum = 0.f;
+  for (int64_t e0 = 0; e0 < ne; e0 += kDecThreads) {
+    const int64_t e = e0 + tid;
+    float s = -INFINITY, wgt = 1.f;
+    const T* kp = nullptr;
+    const T* vp = nullptr;
+    if (e < ne) {
+      int64_t pos;
+      int32_t lvl;
+      const bool isb = e >= nA;
+      const bool ok = isb ? side_entry(a.pat.B, true, i, e - nA, pos, lvl) : side_entry(a.pat.A, false, i, e, pos, lvl);
+      if (ok) {
+        if (!isb) {
+          if (pos == i) {
+            kp = ki;
+            vp = vi;
+          } else {
+            const int64_t slot = pos % pb.capA;
+            kp = kA + (u * pb.capA + slot) * Dk;
+            vp = vA + (u * pb.capA + slot) * Dv;
+          }
+        } else {
+          const int64_t slot = lattice ? bslot[e - nA] : pos % pb.capB;
+          kp = kB + (u * pb.capB + slot) * Dk;
+          vp = yB + (u * pb.capB + slot) * Dv;
+          wgt = gamma;
+        }
+        s = pb.mode == Mode::Softmax ? scale * dot_row(qs, kp, static_cast<int>(Dk)) : dot_row(qs, gw + (h * pb.levels + lvl) * Dk, static_cast<int>(Dk));
+        if (bias) s += to_f(bias[h * pb.levels + lvl]);
+      }
+    }
+    const float tmax = block_reduce<true>(s, red);
+    const float new_max = fmaxf(run_max, tmax);
+    const float rescale = run_max == -INFINITY ? 0.f : __expf(run_max - new_max);
+    const float pe = s == -INFINITY ? 0.f : __expf(s - new_max);
+    const float tsum = block_reduce<false>(pe, red);
+    run_sum = run_sum * rescale + tsum;
+    run_max = new_max;
+    ptile[tid] = pe * wgt;
+    kt[tid] = kp;
+    vt[tid] = vp;
+    __syncthreads();
+    const int64_t nt = lmin(kDecThreads, ne - e0);
+#pragma unroll
+    for (int j = 0; j < kMaxV; ++j) {
+      const int64_t d = tid + j * kDecThreads;
+      if (d >= Dv) break;
+      float x = acc[j] * rescale;
+      for (int64_t t = 0; t < nt; ++t)
+        if (vt[t]) x = fmaf(ptile[t], to_f(vt[t][d]), x);
+      acc[j] = x;
+    }
+    __syncthreads();
+  }
+  const float inv = 1.f / run_sum;
+  // every read of the old cache is done (last barrier above): store the new token
+#pragma unroll
+  for (int j = 0; j < kMaxV; ++j) {
+    const int64_t d = tid + j * kDecThreads;
+    if (d >= Dv) break;
+    const T yv = from_f<T>(acc[j] * inv);
+    y[u * Dv + d] = yv;
+    if (pb.new_a_slot && pb.new_a_slot[b] >= 0) vA[(u * pb.capA + pb.new_a_slot[b]) * Dv + d] = vi[d];
+    if (pb.new_b_slot && pb.new_b_slot[b] >= 0) yB[(u * pb.capB + pb.new_b_slot[b]) * Dv + d] = yv;
+  }
+  for (int64_t d = tid; d < Dk; d += kDecThreads) {
+    if (pb.new_a_slot && pb.new_a_slot[b] >= 0) kA[(u * pb.capA + pb.new_a_slot[b]) * Dk + d] = ki[d];
+    if (pb.new_b_slot && pb.new_b_slot[b] >= 0) kB[(u * pb.capB + pb.new_b_slot[b]) * Dk + d] = ki[d];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side: planning, workspace layout, launches.
+
+struct Plan {
+  bool fast = false;
+  std::vector<SeqInfo> seqs;
+  std::vector<int32_t> chunk_seq;
+  int64_t nseq = 0, total_chunks = 0, cap = 0;
+  int32_t kin = 0;
+};
+
+Plan make_plan(const CudaMix& m) {
+  Plan p;
+  const MixProblem& pb = m.pb;
+  const PatternDesc& hp = m.host_pat;
+  p.fast = mix_cuda_fast_path(m);
+  if (pb.cu_seqlens) {
+    for (int64_t s = 0; s < pb.num_seqs; ++s) p.seqs.push_back(SeqInfo{0, pb.cu_seqlens[s], pb.cu_seqlens[s + 1] - pb.cu_seqlens[s], 0});
+  } else {
+    for (int64_t b = 0; b < pb.batch; ++b) p.seqs.push_back(SeqInfo{b, 0, pb.T, 0});
+  }
+  p.nseq = static_cast<int64_t>(p.seqs.size());
+  for (int64_t s = 0; s < p.nseq; ++s) {
+    p.seqs[s].cbase = p.total_chunks;
+    const int64_t nc = (p.seqs[s].n + kC - 1) / kC;
+    for (int64_t c = 0; c < nc; ++c) p.chunk_seq.push_back(static_cast<int32_t>(s));
+    p.total_chunks += nc;
+  }
+  auto side_cap = [&](const SideDesc& s) -> int64_t {
+    switch (s.kind) {
+      case SupportKind::Self: return 1;
+      case SupportKind::Window: return s.window > 0 ? std::min<int64_t>(s.window, m.max_seq) : m.max_seq;
+      case SupportKind::Offsets:
+      case SupportKind::Lattice: return m.nbl;
+      default: return 0;
+    }
+  };
+  p.cap = std::max<int64_t>(1, side_cap(hp.A) + side_cap(hp.B));
+  if (p.fast) {
+    for (int32_t k = 0; k < m.nbl; ++k) {
+      const int64_t reach = hp.B.kind == SupportKind::Lattice ? hp.B.f[k] - hp.B.a[k] : hp.B.f[k] - 1;
+      if (reach < kC) p.kin = k + 1;
+    }
+  }
+  return p;
+}
+
+// Workspace: a bump allocator over one buffer (dry run for the size).
+struct Bump {
+  char* base;
+  int64_t off = 0;
+  template <class X>
+  X* take(int64_t n) {
+    off = (off + 255) & ~int64_t(255);
+    X* r = base ? reinterpret_cast<X*>(base + off) : nullptr;
+    off += n * static_cast<int64_t>(sizeof(X));
+    return r;
+  }
+};
+
+struct Buffers {
+  SeqInfo* seqs;
+  int32_t* chunk_seq;
+  float* yf;  // float32 copy of y (float storage: y itself)
+  // chunked
+  float *P, *M, *DS, *dkacc;
+  int32_t* SRC;
+  // generic
+  float *pbuf, *ubuf, *gdk, *gdv;
+  int64_t* posbuf;
+  int32_t* lvlbuf;
+  float* G;
+};
+
+Buffers carve(const CudaMix& m, const Plan& p, bool backward, void* ws, int64_t* bytes) {
+  Bump bp{static_cast<char*>(ws)};
+  Buffers b{};
+  const MixProblem& pb = m.pb;
+  const int64_t rows = pb.batch * pb.H * pb.T;  // [B, H, T] tables
+  const int64_t ny = pb.batch * pb.T * pb.H * pb.Dv, nk = pb.batch * pb.T * pb.H * pb.Dk;
+  const int64_t units = p.nseq * pb.H;
+  b.seqs = bp.take<SeqInfo>(std::max<int64_t>(1, p.nseq));
+  b.chunk_seq = bp.take<int32_t>(std::max<int64_t>(1, p.total_chunks));
+  b.yf = !backward && m.dtype != DType::F32 ? bp.take<float>(ny) : nullptr;
+  if (p.fast) {
+    const int64_t S = 1 + m.nbl;
+    b.P = bp.take<float>(rows * S);
+    b.SRC = bp.take<int32_t>(rows * std::max<int32_t>(1, m.nbl));
+    b.M = bp.take<float>(p.total_chunks * pb.H * kC * kC);
+    if (backward) {
+      b.G = bp.take<float>(ny);
+      b.DS = bp.take<float>(rows * S);
+      if (m.host_pat.B.kind == SupportKind::Lattice && pb.mode == Mode::Softmax) b.dkacc = bp.take<float>(nk);
+    }
+  } else {
+    b.pbuf = bp.take<float>(units * p.cap);
+    b.posbuf = bp.take<int64_t>(units * p.cap);
+    if (backward) {
+      b.ubuf = bp.take<float>(units * p.cap);
+      b.lvlbuf = bp.take<int32_t>(units * p.cap);
+      b.G = bp.take<float>(ny);
+      b.gdv = bp.take<float>(ny);
+      if (pb.mode == Mode::Softmax) b.gdk = bp.take<float>(nk);
+    }
+  }
+  *bytes = bp.off + 256;
+  return b;
+}
+
+KArgs kargs(const CudaMix& m, const Plan& p) {
+  KArgs a;
+  a.pat = m.dev_pat;
+  a.H = m.pb.H;
+  a.T = m.pb.T;
+  a.Dk = m.pb.Dk;
+  a.Dv = m.pb.Dv;
+  a.levels = m.pb.levels;
+  a.sq = m.pb.sq;
+  a.sk = m.pb.sk;
+  a.sv = m.pb.sv;
+  a.sy = m.pb.sy;
+  a.mode = static_cast<int32_t>(m.pb.mode);
+  a.scale = static_cast<float>(m.pb.scale);
+  a.gamma = static_cast<float>(m.pb.gamma);
+  a.nbl = m.nbl;
+  a.kin = p.kin;
+  a.cap = p.cap;
+  return a;
+}
+
+void upload_plan(const Plan& p, const Buffers& b, cudaStream_t st) {
+  if (p.nseq) TOKMIX_CU(cudaMemcpyAsync(b.seqs, p.seqs.data(), sizeof(SeqInfo) * p.nseq, cudaMemcpyHostToDevice, st));
+  if (p.total_chunks)
+    TOKMIX_CU(cudaMemcpyAsync(b.chunk_seq, p.chunk_seq.data(), sizeof(int32_t) * p.total_chunks, cudaMemcpyHostToDevice, st));
+}
+
+template <class K>
+void allow_smem(K kernel, size_t bytes) {
+  if (bytes > 48 * 1024) TOKMIX_CU(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+}
+
+// Channels per thread in the chain (1, 2 or 4): the fewest that let every chain block be
+// resident at once; a second wave would run the whole sequential chain a second time.
+template <class K>
+int64_t chain_vec(const CudaMix& m, const Plan& p, K kernel) {
+  int dev = 0, sms = 0, per_sm = 0;
+  TOKMIX_CU(cudaGetDevice(&dev));
+  TOKMIX_CU(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  TOKMIX_CU(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kChainThreads, 0));
+  const int64_t resident = std::max(1, per_sm) * static_cast<int64_t>(sms);
+  for (int64_t per : {1, 2, 4})
+    if (p.nseq * m.pb.H * ((m.pb.Dv + kDS * per - 1) / (kDS * per)) <= resident) return per;
+  return 4;
+}
+
+template <class T>
+void forward_t(const CudaMix& m, const T* q, const T* k, const T* v, const T* bias, const T* gw, T* y, float* lse, void* ws) {
+  cudaStream_t st = static_cast<cudaStream_t>(m.stream);
+  const Plan p = make_plan(m);
+  int64_t bytes;
+  Buffers b = carve(m, p, false, ws, &bytes);
+  float* yf = b.yf ? b.yf : reinterpret_cast<float*>(y);
+  upload_plan(p, b, st);
+  const KArgs a = kargs(m, p);
+  if (p.nseq == 0 || m.pb.H == 0) return;
+  if (p.fast) {
+    if (p.total_chunks == 0) return;
+    const size_t sm1 = sizeof(float) * (kRowWarps * (m.pb.Dk + 1 + m.nbl) + kC * (kC + 1) + 2 * kC * p.kin);
+    allow_smem(coef_kernel<T, false>, sm1);
+    coef_kernel<T, false><<<dim3(p.total_chunks, m.pb.H), kRowWarps * 32, sm1, st>>>(a, b.seqs, b.chunk_seq, q, k, bias, gw, lse,
+                                                                                   b.P, b.SRC, b.M);
+    TOKMIX_LAUNCHED("coef_kernel");
+    const int64_t per = chain_vec(m, p, chain_forward<T, 1>);
+    const dim3 g(p.nseq, m.pb.H, (m.pb.Dv + kDS * per - 1) / (kDS * per));
+    if (per == 1)
+      chain_forward<T, 1><<<g, kChainThreads, 0, st>>>(a, b.seqs, v, b.P, b.SRC, b.M, y, yf);
+    else if (per == 2)
+      chain_forward<T, 2><<<g, kChainThreads, 0, st>>>(a, b.seqs, v, b.P, b.SRC, b.M, y, yf);
+    else
+      chain_forward<T, 4><<<g, kChainThreads, 0, st>>>(a, b.seqs, v, b.P, b.SRC, b.M, y, yf);
+    TOKMIX_LAUNCHED("chain_forward");
+  } else {
+    const size_t smg = sizeof(float) * (m.pb.Dk + 32);
+    allow_smem(gen_forward<T>, smg);
+    gen_forward<T><<<dim3(p.nseq, m.pb.H), kGenThreads, smg, st>>>(a, b.seqs, q, k, v, bias, gw, y, yf, lse, b.pbuf, b.posbuf);
+    TOKMIX_LAUNCHED("gen_forward");
+  }
+}
+
+template <class T>
+void backward_t(const CudaMix& m, const T* q, const T* k, const T* v, const T* bias, const T* gw, const T* y, const float* lse,
+                const T* dy, T* dq, T* dk, T* dv, float* dbias_u, float* dgate_u, void* ws) {
+  cudaStream_t st = static_cast<cudaStream_t>(m.stream);
+  const Plan p = make_plan(m);
+  int64_t bytes;
+  Buffers b = carve(m, p, true, ws, &bytes);
+  upload_plan(p, b, st);
+  const KArgs a = kargs(m, p);
+  if (p.nseq == 0 || m.pb.H == 0) return;
+  const bool softmax = m.pb.mode == Mode::Softmax;
+  if (p.fast) {
+    if (p.total_chunks == 0) return;
+    const bool lattice = m.host_pat.B.kind == SupportKind::Lattice;
+    const dim3 rows_grid(p.total_chunks, m.pb.H);
+    // lse is recomputed into the P tables' pass; the saved one is the same value
+    float* lse_scratch = b.DS;  // overwritten below by grad_rows
+    const size_t sm1 = sizeof(float) * (kRowWarps * (m.pb.Dk + 1 + m.nbl) + kC * (kC + 1) + 2 * kC * p.kin);
+    allow_smem(coef_kernel<T, true>, sm1);
+    coef_kernel<T, true><<<rows_grid, kRowWarps * 32, sm1, st>>>(a, b.seqs, b.chunk_seq, q, k, bias, gw, lse_scratch, b.P, b.SRC, b.M);
+    TOKMIX_LAUNCHED("coef_kernel(T)");
+    const int64_t ny = m.pb.batch * m.pb.T * m.pb.H * m.pb.Dv;
+    if (lattice) TOKMIX_CU(cudaMemsetAsync(b.G, 0, sizeof(float) * ny, st));
+    const int64_t per = lattice ? chain_vec(m, p, chain_backward<T, true, 1>) : chain_vec(m, p, chain_backward<T, false, 1>);
+    const dim3 cgrid(p.nseq, m.pb.H, (m.pb.Dv + kDS * per - 1) / (kDS * per));
+#define TOKMIX_CHAIN_BWD(L, V) chain_backward<T, L, V><<<cgrid, kChainThreads, 0, st>>>(a, b.seqs, dy, b.P, b.SRC, b.M, b.G)
+    if (lattice) {
+      if (per == 1) TOKMIX_CHAIN_BWD(true, 1);
+      else if (per == 2) TOKMIX_CHAIN_BWD(true, 2);
+      else TOKMIX_CHAIN_BWD(true, 4);
+    } else {
+      if (per == 1) TOKMIX_CHAIN_BWD(false, 1);
+      else if (per == 2) TOKMIX_CHAIN_BWD(false, 2);
+      else TOKMIX_CHAIN_BWD(false, 4);
+    }
+#undef TOKMIX_CHAIN_BWD
+    TOKMIX_LAUNCHED("chain_backward");
+    const size_t smr = sizeof(float) * kRowWarps * (m.pb.Dv + 1 + m.nbl);
+    allow_smem(grad_rows<T>, smr);
+    grad_rows<T><<<rows_grid, kRowWarps * 32, smr, st>>>(a, b.seqs, b.chunk_seq, q, k, v, gw, y, b.P, b.SRC, b.G, dq, dv, b.DS,
+                                                         dbias_u, dgate_u);
+    TOKMIX_LAUNCHED("grad_rows");
+    if (softmax) {
+      if (lattice) {
+        const int64_t nk = m.pb.batch * m.pb.T * m.pb.H * m.pb.Dk;
+        TOKMIX_CU(cudaMemsetAsync(b.dkacc, 0, sizeof(float) * nk, st));
+        dk_lattice_scatter<T><<<rows_grid, kRowWarps * 32, 0, st>>>(a, b.seqs, b.chunk_seq, q, b.DS, b.SRC, b.dkacc);
+        TOKMIX_LAUNCHED("dk_lattice_scatter");
+        dk_lattice_finish<T><<<rows_grid, kRowWarps * 32, 0, st>>>(a, b.seqs, b.chunk_seq, q, b.DS, b.dkacc, dk);
+        TOKMIX_LAUNCHED("dk_lattice_finish");
+      } else {
+        dk_gather<T><<<rows_grid, kRowWarps * 32, 0, st>>>(a, b.seqs, b.chunk_seq, q, b.DS, dk);
+        TOKMIX_LAUNCHED("dk_gather");
+      }
+    }
+  } else {
+    const size_t smg = sizeof(float) * (m.pb.Dk + m.pb.Dv + 32);
+    allow_smem(gen_backward<T>, smg);
+    gen_backward<T><<<dim3(p.nseq, m.pb.H), kGenThreads, smg, st>>>(a, b.seqs, q, k, v, bias, gw, y, lse, dy, dq, dk, dv, dbias_u,
+                                                                    dgate_u, b.G, b.gdk, b.gdv, b.pbuf, b.ubuf, b.posbuf,
+                                                                    b.lvlbuf);
+    TOKMIX_LAUNCHED("gen_backward");
+  }
+}
+
+template <class T>
+void decode_t(const PatternDesc& pat, const DecodeProblem& pb, int32_t nbl, const T* q, const T* k, const T* v, const T* bias,
+              const T* gw, T* kA, T* vA, T* kB, T* yB, T* y, void* stream) {
+  if (pb.Dv > 4 * kDecThreads) throw std::invalid_argument("tokmix CUDA decode: Dv > 512 is not supported");
+  if (pb.b_slot_of && nbl > kDecMaxLevels) throw std::invalid_argument("tokmix CUDA decode: more than 2048 lattice levels");
+  DecArgs a{pat, pb, nbl};
+  const size_t sm = sizeof(float) * (pb.Dk + kDecThreads + 32);
+  allow_smem(decode_kernel<T>, sm);
+  decode_kernel<T><<<dim3(pb.batch, pb.H), kDecThreads, sm, static_cast<cudaStream_t>(stream)>>>(a, q, k, v, bias, gw, kA, vA, kB, yB, y);
+  TOKMIX_LAUNCHED("decode_kernel");
+}
+
+}  // namespace
+
+bool mix_cuda_fast_path(const CudaMix& m) {
+  const PatternDesc& p = m.host_pat;
+  return p.A.kind == SupportKind::Self && (p.B.kind == SupportKind::Offsets || p.B.kind == SupportKind::Lattice) && m.nbl >= 1 &&
+         m.nbl <= kMaxFastLevels;
+}
+
+int64_t mix_cuda_workspace_bytes(const CudaMix& m, bool backward) {
+  const Plan p = make_plan(m);
+  int64_t bytes;
+  carve(m, p, backward, nullptr, &bytes);
+  return bytes;
+}
+
+#define TOKMIX_DISPATCH(DT, ...)                       \
+  switch (DT) {                                        \
+    case DType::F32: { using T = float; __VA_ARGS__; break; }          \
+    case DType::BF16: { using T = __nv_bfloat16; __VA_ARGS__; break; } \
+    case DType::F16: { using T = __half; __VA_ARGS__; break; }         \
+  }
+
+void mix_forward_cuda(const CudaMix& m, const void* q, const void* k, const void* v, const void* bias, const void* gate_w, void* y,
+                      float* lse, void* ws) {
+  TOKMIX_DISPATCH(m.dtype, forward_t<T>(m, static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
+                                        static_cast<const T*>(bias), static_cast<const T*>(gate_w), static_cast<T*>(y), lse, ws));
+}
+
+void mix_backward_cuda(const CudaMix& m, const void* q, const void* k, const void* v, const void* bias, const void* gate_w,
+                       const void* y, const float* lse, const void* dy, void* dq, void* dk, void* dv, float* dbias_units,
+                       float* dgate_units, void* ws) {
+  TOKMIX_DISPATCH(m.dtype, backward_t<T>(m, static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
+                                         static_cast<const T*>(bias), static_cast<const T*>(gate_w), static_cast<const T*>(y), lse,
+                                         static_cast<const T*>(dy), static_cast<T*>(dq), static_cast<T*>(dk), static_cast<T*>(dv),
+                                         dbias_units, dgate_units, ws));
+}
+
+void decode_step_cuda(const PatternDesc& dev_pat, const DecodeProblem& pb, int32_t nbl, DType dtype, const void* q, const void* k,
+                      const void* v, const void* bias, const void* gate_w, void* kA, void* vA, void* kB, void* yB, void* y,
+                      void* stream) {
+  TOKMIX_DISPATCH(dtype, decode_t<T>(dev_pat, pb, nbl, static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
+                                     static_cast<const T*>(bias), static_cast<const T*>(gate_w), static_cast<T*>(kA),
+                                     static_cast<T*>(vA), static_cast<T*>(kB), static_cast<T*>(yB), static_cast<T*>(y), stream));
+}
+
+}  // namespace tokmix::kernels
