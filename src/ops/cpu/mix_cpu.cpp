@@ -256,6 +256,7 @@ inline void prefetch_row(const T* base, int64_t row, int64_t stride, int64_t wid
 #define PF 6
 #endif
 constexpr int64_t kPrefetchRows = PF;
+constexpr int64_t kNearRows = 512;
 
 // The work of one (sequence, head) unit. DK/DV > 0 fix the head widths at compile time (the
 // common widths), so that the accumulators of a row live in registers; 0 reads them from pb.
@@ -328,6 +329,7 @@ struct UnitKernel {
       const T inv = T(1) / sum;
       auto prefetch_next = [&](int64_t e) {
         const int64_t j = re.pos[e];
+        if (i - j < kNearRows) return;  // recent rows are still in L1/L2
         if (e >= re.na) {
           prefetch_row(yb, j + kPrefetchRows, pb.sy.st, Dv, i);
         } else if (j != i) {
@@ -413,7 +415,7 @@ struct UnitKernel {
             const T p = s[e], ds = p * (dp[e] - delta), c = scale * ds;
             const int64_t j = re.pos[e];
             const bool isb = e >= re.na;
-            if (j != m) {
+            if (m - j >= kNearRows) {
               const int64_t jn = j - kPrefetchRows;
               prefetch_row(kb, jn, pb.sk.st, Dk, un.n);
               prefetch_row(dkb, jn, pb.sk.st, Dk, un.n);
@@ -454,7 +456,7 @@ struct UnitKernel {
         const T p = s[e], ds = p * (dp[e] - delta);
         const int64_t j = re.pos[e];
         const bool isb = e >= re.na;
-        if (j != m) {  // rows that earlier rows (m - dist) will touch
+        if (m - j >= kNearRows) {  // rows that earlier rows (m - dist) will touch
           const int64_t jn = j - kPrefetchRows;
           if (softmax) {
             prefetch_row(kb, jn, pb.sk.st, Dk, un.n);
