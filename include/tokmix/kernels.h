@@ -100,11 +100,31 @@ void mix_backward_cuda(const CudaMix& m, const void* q, const void* k, const voi
                        const void* gate_w, const void* y, const float* lse, const void* dy, void* dq, void* dk, void* dv,
                        float* dbias_units, float* dgate_units, void* ws);
 
-// One decode step; every pointer of `pb` (pos, b_slot_of, new_a_slot, new_b_slot) is a device
-// pointer. nbl: B levels the cache serves (pattern.num_B_levels(max_context)).
-void decode_step_cuda(const PatternDesc& dev_pat, const DecodeProblem& pb, int32_t nbl, DType dtype, const void* q,
-                      const void* k, const void* v, const void* bias, const void* gate_w, void* kA, void* vA, void* kB,
-                      void* yB, void* y, void* stream);
+// Decode state that lives on the device between steps, so that a CUDA step needs no copy and no
+// host synchronisation: positions and (lattice) the slot table, double-buffered. A step reads
+// buffer `par`; block h = 0 of each sequence writes buffer 1 - par (all heads read the old one).
+// The caller uploads pos_ / slot_pos_ only when the host state changed outside step() (reset,
+// skip_to, prefill). `bad` ([batch], host-mapped) receives position + 1 of a step whose q, k or
+// v was not finite (0: none; top bit set: internal slot-table error); the host reads it later
+// without a sync.
+struct CudaDecodeState {
+  const int64_t* pos_in = nullptr;   // [batch]
+  int64_t* pos_out = nullptr;        // [batch]
+  const int64_t* slot_in = nullptr;  // lattice: [batch, capB] position held by each slot (-1 free)
+  int64_t* slot_out = nullptr;
+  unsigned long long* bad = nullptr;  // device view of the mapped flags
+  int64_t max_context = 0;
+};
+// Host-mapped flags (cudaHostAlloc, zero-filled): returns the host pointer, *dev the device one.
+unsigned long long* decode_flags_alloc(int64_t n, unsigned long long** dev);
+void decode_flags_free(unsigned long long* host);
+
+// One decode step. pb gives dims, mode, caches' capacities; its pointer fields are unused (the
+// positions, slots and new-token slots come from / are derived on the device from `st`).
+// nbl: B levels the cache serves (pattern.num_B_levels(max_context)).
+void decode_step_cuda(const PatternDesc& dev_pat, const DecodeProblem& pb, const CudaDecodeState& st, int32_t nbl, DType dtype,
+                      const void* q, const void* k, const void* v, const void* bias, const void* gate_w, void* kA, void* vA,
+                      void* kB, void* yB, void* y, void* stream);
 #endif
 
 }  // namespace tokmix::kernels

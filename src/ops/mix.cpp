@@ -213,6 +213,38 @@ kernels::CudaMix cuda_problem(const Pattern& pat, const Checked& c, const kernel
 }
 const void* cptr(const Tensor& t) { return t.defined() && t.numel() > 0 ? t.data_ptr() : nullptr; }
 void* mptr(const Tensor& t) { return t.defined() && t.numel() > 0 ? t.data_ptr() : nullptr; }
+
+// Decode state a CUDA cache keeps on the device (kernels::CudaDecodeState). MixCache's members
+// are shared with the CPU path, so the state lives beside it, keyed by the cache's kA_ storage
+// and held weakly: an entry whose cache died is recognised (and dropped) even if the address is
+// reused.
+struct DecodeDev {
+  c10::weak_intrusive_ptr<c10::StorageImpl> owner{c10::intrusive_ptr<c10::StorageImpl>()};
+  Tensor buf;  // int64 on the device: pos[2][batch], then slot_pos[2][batch * capB]
+  unsigned long long* flags_host = nullptr;  // [batch], host-mapped
+  unsigned long long* flags_dev = nullptr;
+  std::vector<int64_t> pos_seen, slots_seen;  // the host state right after the last step
+  int par = 0;                                // buffer the next step reads
+  DecodeDev() = default;
+  DecodeDev(const DecodeDev&) = delete;
+  DecodeDev& operator=(const DecodeDev&) = delete;
+  ~DecodeDev() { kernels::decode_flags_free(flags_host); }
+};
+std::mutex g_dec_mu;
+std::map<const void*, std::unique_ptr<DecodeDev>> g_dec;
+
+DecodeDev& decode_dev(const Tensor& owner, int64_t batch, int64_t capB, bool lattice) {
+  std::lock_guard<std::mutex> lk(g_dec_mu);
+  const void* key = owner.storage().unsafeGetStorageImpl();
+  auto it = g_dec.find(key);
+  if (it != g_dec.end() && !it->second->owner.expired()) return *it->second;
+  for (auto e = g_dec.begin(); e != g_dec.end();) e = e->second->owner.expired() ? g_dec.erase(e) : std::next(e);
+  auto d = std::make_unique<DecodeDev>();
+  d->owner = owner.storage().getWeakStorageImpl();
+  d->buf = torch::empty({2 * batch + (lattice ? 2 * batch * capB : 0)}, owner.options().dtype(torch::kInt64));
+  d->flags_host = kernels::decode_flags_alloc(batch, &d->flags_dev);
+  return *g_dec.emplace(key, std::move(d)).first->second;
+}
 #endif
 
 // LibTorch 1.13's Function::apply cannot take undefined tensors: absent optional inputs travel
@@ -531,9 +563,12 @@ torch::Tensor MixCache::step(const Tensor& q, const Tensor& k, const Tensor& v, 
   if (!kk.defined() || !kk.sizes().equals(q.sizes())) badstep("k must have q's shape " + shape_str(q));
   if (q.scalar_type() != kA_.scalar_type() || v.scalar_type() != kA_.scalar_type() || kk.scalar_type() != kA_.scalar_type())
     badstep(std::string("dtype must be the cache's ") + c10::toString(kA_.scalar_type()));
-  check_finite(q, "q");
-  check_finite(kk, "k");
-  check_finite(v, "v");
+  // CUDA: the kernel checks q, k, v itself (no host sync; see the CUDA branch below)
+  if (!q.is_cuda()) {
+    check_finite(q, "q");
+    check_finite(kk, "k");
+    check_finite(v, "v");
+  }
   for (int64_t b = 0; b < batch_; ++b)
     if (pos_[b] >= max_context_)
       badstep("sequence " + std::to_string(b) + " is at position " + std::to_string(pos_[b]) + "; the cache was made for max_context = " +
@@ -565,6 +600,11 @@ torch::Tensor MixCache::step(const Tensor& q, const Tensor& k, const Tensor& v, 
   pb.levels = levels;
   pb.pos = pos_.data();
   std::vector<int64_t> new_a(batch_, -1), new_b(batch_, -1), slot_of;
+  std::vector<int64_t> pos_before, slots_before;  // CUDA: the host state on entry (see the CUDA branch)
+  if (q.is_cuda()) {
+    pos_before = pos_;
+    slots_before = slot_pos_;
+  }
   for (int64_t b = 0; b < batch_; ++b) {
     const int64_t i = pos_[b];
     if (capA_ > 0) new_a[b] = i % capA_;
@@ -573,17 +613,21 @@ torch::Tensor MixCache::step(const Tensor& q, const Tensor& k, const Tensor& v, 
   if (lattice_) {
     // Resolve this row's entries to slots, then evict what row i+1 no longer reads and give
     // the new token a free slot (nesting: L(i+1) is within L(i) and {i}).
+    // (the CUDA kernel resolves slots from its own copy of the table: only the update runs here)
+    const bool resolve = !q.is_cuda();
     pb.max_entries = std::max<int64_t>(1, capB_);
-    slot_of.assign(batch_ * pb.max_entries, -1);
+    if (resolve) slot_of.assign(batch_ * pb.max_entries, -1);
     int64_t* sp = slot_pos_.data();
     for (int64_t b = 0; b < batch_; ++b) {
       const int64_t i = pos_[b];
       int64_t e = 0;
-      for (const Entry& en : pattern_->row_B(i)) {
-        int64_t s = 0;
-        while (s < capB_ && sp[b * capB_ + s] != en.pos) ++s;
-        if (s == capB_) badstep("internal: lattice position " + std::to_string(en.pos) + " is not in the cache");
-        slot_of[b * pb.max_entries + e++] = s;
+      if (resolve) {
+        for (const Entry& en : pattern_->row_B(i)) {
+          int64_t s = 0;
+          while (s < capB_ && sp[b * capB_ + s] != en.pos) ++s;
+          if (s == capB_) badstep("internal: lattice position " + std::to_string(en.pos) + " is not in the cache");
+          slot_of[b * pb.max_entries + e++] = s;
+        }
       }
       // no row follows the last one the cache was made for: keep nothing new
       std::vector<Entry> next = i + 1 < max_context_ ? pattern_->row_B(i + 1) : std::vector<Entry>{};
@@ -610,25 +654,56 @@ torch::Tensor MixCache::step(const Tensor& q, const Tensor& k, const Tensor& v, 
   const PatternDesc d = pattern_->desc();
   if (q.is_cuda()) {
 #ifdef TOKMIX_WITH_CUDA
-    // the step's small host tables travel in one pinned buffer and one copy
-    const int64_t ne = lattice_ ? batch_ * pb.max_entries : 0;
-    Tensor tab = torch::empty({3 * batch_ + std::max<int64_t>(ne, 1)}, torch::TensorOptions().dtype(torch::kInt64).pinned_memory(true));
-    int64_t* t = tab.data_ptr<int64_t>();
-    std::copy(pos_.begin(), pos_.end(), t);
-    std::copy(new_a.begin(), new_a.end(), t + batch_);
-    std::copy(new_b.begin(), new_b.end(), t + 2 * batch_);
-    if (ne) std::copy(slot_of.begin(), slot_of.end(), t + 3 * batch_);
-    Tensor dtab = tab.to(q.device(), /*non_blocking=*/true);
-    const int64_t* dt = dtab.data_ptr<int64_t>();
+    // No host synchronisation and no copy per step: positions and the lattice slot table live on
+    // the device (uploaded only when reset, skip_to or prefill changed the host state), and the
+    // kernel checks q, k, v for NaN/Inf into a host-mapped flag read here at a later step. So a
+    // non-finite input is reported by the first step() called after the device finished the
+    // step that saw it (its output and the cache entries it wrote are then non-finite too), and
+    // every step throws until the cache is reset, skipped or refilled.
+    DecodeDev& dd = decode_dev(kA_, batch_, capB_, lattice_);
+    auto stream = at::cuda::getCurrentCUDAStream(q.device().index());
+    int64_t* dbuf = dd.buf.data_ptr<int64_t>();
+    auto dpos = [&](int p) { return dbuf + p * batch_; };
+    auto dslot = [&](int p) { return dbuf + 2 * batch_ + p * batch_ * capB_; };
+    // pos_ and slot_pos_ were advanced above; compare what they were on entry
+    if (dd.pos_seen != pos_before || dd.slots_seen != slots_before) {
+      stream.synchronize();  // a step still in flight may yet raise a flag of the old contents
+      Tensor up = torch::empty({batch_ + (lattice_ ? batch_ * capB_ : 0)}, torch::TensorOptions().dtype(torch::kInt64).pinned_memory(true));
+      std::copy(pos_before.begin(), pos_before.end(), up.data_ptr<int64_t>());
+      if (lattice_) std::copy(slots_before.begin(), slots_before.end(), up.data_ptr<int64_t>() + batch_);
+      dd.par = 0;
+      dd.buf.slice(0, 0, batch_).copy_(up.slice(0, 0, batch_), /*non_blocking=*/true);
+      if (lattice_) dd.buf.slice(0, 2 * batch_, 2 * batch_ + batch_ * capB_).copy_(up.slice(0, batch_), /*non_blocking=*/true);
+      std::fill(dd.flags_host, dd.flags_host + batch_, 0ull);
+    } else {
+      for (int64_t b = 0; b < batch_; ++b) {
+        const unsigned long long f = reinterpret_cast<volatile unsigned long long*>(dd.flags_host)[b];
+        if (f == 0) continue;
+        // restore the host state of this call: the step did not happen
+        pos_ = pos_before;
+        slot_pos_ = slots_before;
+        const int64_t at = static_cast<int64_t>(f & ~(1ull << 63)) - 1;
+        if (f >> 63) badstep("internal: lattice slot table lost a position at sequence " + std::to_string(b) + ", position " + std::to_string(at));
+        badstep("q, k or v of sequence " + std::to_string(b) + " at position " + std::to_string(at) +
+                " contained NaN or Inf (checked on the device, reported at a later step); reset() the cache");
+      }
+    }
+    kernels::CudaDecodeState st;
+    st.pos_in = dpos(dd.par);
+    st.pos_out = dpos(1 - dd.par);
+    st.slot_in = lattice_ ? dslot(dd.par) : nullptr;
+    st.slot_out = lattice_ ? dslot(1 - dd.par) : nullptr;
+    st.bad = dd.flags_dev;
+    st.max_context = max_context_;
     kernels::DecodeProblem dpb = pb;
-    dpb.pos = dt;
-    dpb.new_a_slot = dt + batch_;
-    dpb.new_b_slot = dt + 2 * batch_;
-    dpb.b_slot_of = lattice_ ? dt + 3 * batch_ : nullptr;
-    const PatternDesc dd = device_desc(*pattern_, q.device());
-    kernels::decode_step_cuda(dd, dpb, pattern_->num_B_levels(max_context_), cuda_dtype(q), cptr(qc), cptr(kc), cptr(vc), cptr(bias), cptr(gw),
-                              mptr(kA_), mptr(vA_), mptr(kB_), mptr(yB_), mptr(y), at::cuda::getCurrentCUDAStream(q.device().index()).stream());
+    dpb.pos = dpb.b_slot_of = dpb.new_a_slot = dpb.new_b_slot = nullptr;
+    const PatternDesc ddesc = device_desc(*pattern_, q.device());
+    kernels::decode_step_cuda(ddesc, dpb, st, pattern_->num_B_levels(max_context_), cuda_dtype(q), cptr(qc), cptr(kc), cptr(vc), cptr(bias),
+                              cptr(gw), mptr(kA_), mptr(vA_), mptr(kB_), mptr(yB_), mptr(y), stream.stream());
+    dd.par = 1 - dd.par;
     for (auto& p : pos_) ++p;
+    dd.pos_seen = pos_;
+    dd.slots_seen = slot_pos_;
     return y;
 #else
     badstep("this build has no CUDA decode backend (configure with -DTOKMIX_CUDA=ON)");

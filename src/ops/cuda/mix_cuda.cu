@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -829,45 +830,137 @@ __global__ void dk_lattice_finish(KArgs a, const SeqInfo* seqs, const int32_t* c
 
 // ---------------------------------------------------------------------------------------------
 // Decode: one block per (sequence, head); entries in tiles with a running max (online softmax),
-// so the scratch does not grow with the context.
+// so the scratch does not grow with the context. Positions and the lattice slot table live on
+// the device (CudaDecodeState): every block resolves its row's slots from the old table, and
+// block h = 0 writes the next table with the host's rule (evict what row i + 1 does not read,
+// the new token into the lowest free slot), so host and device tables stay equal.
 
 struct DecArgs {
   PatternDesc pat;
   DecodeProblem pb;
+  CudaDecodeState st;
   int32_t nbl;
 };
 constexpr int kDecThreads = 128;
-constexpr int kDecMaxLevels = 2048;
+constexpr int kDecMaxLevels = 4096;
+constexpr unsigned long long kDecInternal = 1ull << 63;
+
+// Dynamic shared memory of decode_kernel, in bytes.
+size_t decode_smem(const DecodeProblem& pb, int32_t nbl, bool lattice) {
+  size_t f = sizeof(float) * (pb.Dk + kDecThreads + 32);
+  f = (f + 15) & ~size_t(15);
+  if (lattice) f += sizeof(int64_t) * (pb.capB + nbl) + sizeof(int32_t) * (nbl + pb.capB);
+  return f;
+}
 
 template <class T>
 __global__ void __launch_bounds__(kDecThreads) decode_kernel(DecArgs a, const T* q, const T* k, const T* v, const T* bias,
                                                              const T* gw, T* kA, T* vA, T* kB, T* yB, T* y) {
   extern __shared__ float sm[];
   const DecodeProblem& pb = a.pb;
-  float* qs = sm;                  // Dk
-  float* ptile = qs + pb.Dk;       // kDecThreads
+  float* qs = sm;                    // Dk
+  float* ptile = qs + pb.Dk;         // kDecThreads
   float* red = ptile + kDecThreads;  // 32
   __shared__ const T* kt[kDecThreads];
   __shared__ const T* vt[kDecThreads];
-  __shared__ int32_t bslot[kDecMaxLevels];
+  __shared__ int s_free, s_ins, s_lost;
   const int64_t b = blockIdx.x, h = blockIdx.y, u = b * pb.H + h;
-  const int64_t i = pb.pos[b];
+  const int64_t i = a.st.pos_in[b];
   const int tid = threadIdx.x;
   const int64_t Dk = pb.Dk, Dv = pb.Dv;
   const T* qi = q + u * Dk;
   const T* ki = k + u * Dk;
   const T* vi = v + u * Dv;
-  const bool lattice = pb.b_slot_of != nullptr;
-  for (int64_t d = tid; d < Dk; d += kDecThreads) qs[d] = to_f(qi[d]);
-  if (lattice && tid == 0) {
-    int64_t ord = 0;
-    for (int32_t kk = 0; kk < a.nbl && kk < kDecMaxLevels; ++kk) {
+  const bool lattice = a.st.slot_in != nullptr;
+  // Finiteness of this head's inputs, checked here instead of by host syncs; reported through
+  // the mapped flag (the caller reads it at a later step).
+  bool nonfinite = false;
+  for (int64_t d = tid; d < Dk; d += kDecThreads) {
+    qs[d] = to_f(qi[d]);
+    nonfinite |= !isfinite(qs[d]) || !isfinite(to_f(ki[d]));
+  }
+  for (int64_t d = tid; d < Dv; d += kDecThreads) nonfinite |= !isfinite(to_f(vi[d]));
+  if (__syncthreads_or(nonfinite) && tid == 0) {
+    volatile unsigned long long* f = a.st.bad + b;
+    if (*f == 0) *f = static_cast<unsigned long long>(i + 1);
+  }
+  int32_t* bslot = nullptr;
+  int64_t new_b = -1;
+  if (lattice) {
+    const int64_t capB = pb.capB;
+    char* base = reinterpret_cast<char*>(sm) + ((sizeof(float) * (Dk + kDecThreads + 32) + 15) & ~size_t(15));
+    int64_t* S = reinterpret_cast<int64_t*>(base);  // capB: old table of sequence b
+    int64_t* lpos = S + capB;                        // nbl: row i's source per level (-1: absent/merged)
+    bslot = reinterpret_cast<int32_t*>(lpos + a.nbl);  // nbl: row i's slot per level
+    int32_t* keep = bslot + a.nbl;                   // capB: slot still read by row i + 1
+    for (int64_t s = tid; s < capB; s += kDecThreads) {
+      S[s] = a.st.slot_in[b * capB + s];
+      keep[s] = 0;
+    }
+    if (tid == 0) {
+      s_free = static_cast<int>(capB);
+      s_ins = 0;
+      s_lost = 0;
+    }
+    __syncthreads();
+    for (int32_t kk = tid; kk < a.nbl; kk += kDecThreads) {
       int64_t pos;
       int32_t lvl;
-      bslot[kk] = side_entry(a.pat.B, true, i, kk, pos, lvl) ? static_cast<int32_t>(pb.b_slot_of[b * pb.max_entries + ord++]) : -1;
+      int32_t slot = -1;
+      const bool ok = side_entry(a.pat.B, true, i, kk, pos, lvl);
+      if (ok) {
+        for (int64_t s = 0; s < capB; ++s)
+          if (S[s] == pos) {
+            slot = static_cast<int32_t>(s);
+            break;
+          }
+        if (slot < 0) s_lost = 1;
+      }
+      lpos[kk] = ok ? pos : -1;
+      bslot[kk] = slot;
     }
+    __syncthreads();
+    // no row follows the last one the cache was made for: keep nothing (as the host does)
+    if (i + 1 < a.st.max_context)
+      for (int32_t kk = tid; kk < a.nbl; kk += kDecThreads) {
+        int64_t pos;
+        int32_t lvl;
+        if (!side_entry(a.pat.B, true, i + 1, kk, pos, lvl)) continue;
+        if (pos == i) {
+          s_ins = 1;
+          continue;
+        }
+        // a level keeps its source for a_k rows: the same level of row i is the usual match
+        int32_t slot = lpos[kk] == pos ? bslot[kk] : -1;
+        for (int64_t s = 0; slot < 0 && s < capB; ++s)
+          if (S[s] == pos) slot = static_cast<int32_t>(s);
+        if (slot >= 0)
+          keep[slot] = 1;
+        else
+          s_lost = 1;
+      }
+    __syncthreads();
+    for (int64_t s = tid; s < capB; s += kDecThreads)
+      if (!keep[s]) atomicMin(&s_free, static_cast<int>(s));
+    __syncthreads();
+    if (s_ins) {
+      if (s_free < capB)
+        new_b = s_free;
+      else if (tid == 0)
+        s_lost = 1;
+    }
+    if (h == 0)
+      for (int64_t s = tid; s < capB; s += kDecThreads)
+        a.st.slot_out[b * capB + s] = s == new_b ? i : (keep[s] ? S[s] : -1);
+    if (s_lost && tid == 0) {
+      volatile unsigned long long* f = a.st.bad + b;
+      *f = kDecInternal | static_cast<unsigned long long>(i + 1);
+    }
+  } else if (pb.capB > 0) {
+    new_b = i % pb.capB;
   }
-  __syncthreads();
+  if (h == 0 && tid == 0) a.st.pos_out[b] = i + 1;
+  const int64_t new_a = pb.capA > 0 ? i % pb.capA : -1;
   const int64_t nA = side_slots(a.pat.A, false, i, a.nbl), ne = nA + side_slots(a.pat.B, true, i, a.nbl);
   const float gamma = static_cast<float>(pb.gamma), scale = static_cast<float>(pb.scale);
   constexpr int kMaxV = 4;  // Dv <= 4 * kDecThreads (checked by the caller)
@@ -884,7 +977,7 @@ __global__ void __launch_bounds__(kDecThreads) decode_kernel(DecArgs a, const T*
       int64_t pos;
       int32_t lvl;
       const bool isb = e >= nA;
-      const bool ok = isb ? side_entry(a.pat.B, true, i, e - nA, pos, lvl) : side_entry(a.pat.A, false, i, e, pos, lvl);
+      bool ok = isb ? side_entry(a.pat.B, true, i, e - nA, pos, lvl) : side_entry(a.pat.A, false, i, e, pos, lvl);
       if (ok) {
         if (!isb) {
           if (pos == i) {
@@ -897,12 +990,17 @@ __global__ void __launch_bounds__(kDecThreads) decode_kernel(DecArgs a, const T*
           }
         } else {
           const int64_t slot = lattice ? bslot[e - nA] : pos % pb.capB;
+          ok = slot >= 0;  // a lost lattice slot is flagged above
           kp = kB + (u * pb.capB + slot) * Dk;
           vp = yB + (u * pb.capB + slot) * Dv;
           wgt = gamma;
         }
+      }
+      if (ok) {
         s = pb.mode == Mode::Softmax ? scale * dot_row(qs, kp, static_cast<int>(Dk)) : dot_row(qs, gw + (h * pb.levels + lvl) * Dk, static_cast<int>(Dk));
         if (bias) s += to_f(bias[h * pb.levels + lvl]);
+      } else {
+        kp = vp = nullptr;
       }
     }
     const float tmax = block_reduce<true>(s, red);
@@ -936,12 +1034,12 @@ __global__ void __launch_bounds__(kDecThreads) decode_kernel(DecArgs a, const T*
     if (d >= Dv) break;
     const T yv = from_f<T>(acc[j] * inv);
     y[u * Dv + d] = yv;
-    if (pb.new_a_slot && pb.new_a_slot[b] >= 0) vA[(u * pb.capA + pb.new_a_slot[b]) * Dv + d] = vi[d];
-    if (pb.new_b_slot && pb.new_b_slot[b] >= 0) yB[(u * pb.capB + pb.new_b_slot[b]) * Dv + d] = yv;
+    if (new_a >= 0) vA[(u * pb.capA + new_a) * Dv + d] = vi[d];
+    if (new_b >= 0) yB[(u * pb.capB + new_b) * Dv + d] = yv;
   }
   for (int64_t d = tid; d < Dk; d += kDecThreads) {
-    if (pb.new_a_slot && pb.new_a_slot[b] >= 0) kA[(u * pb.capA + pb.new_a_slot[b]) * Dk + d] = ki[d];
-    if (pb.new_b_slot && pb.new_b_slot[b] >= 0) kB[(u * pb.capB + pb.new_b_slot[b]) * Dk + d] = ki[d];
+    if (new_a >= 0) kA[(u * pb.capA + new_a) * Dk + d] = ki[d];
+    if (new_b >= 0) kB[(u * pb.capB + new_b) * Dk + d] = ki[d];
   }
 }
 
@@ -1200,12 +1298,13 @@ void backward_t(const CudaMix& m, const T* q, const T* k, const T* v, const T* b
 }
 
 template <class T>
-void decode_t(const PatternDesc& pat, const DecodeProblem& pb, int32_t nbl, const T* q, const T* k, const T* v, const T* bias,
-              const T* gw, T* kA, T* vA, T* kB, T* yB, T* y, void* stream) {
+void decode_t(const PatternDesc& pat, const DecodeProblem& pb, const CudaDecodeState& st, int32_t nbl, const T* q, const T* k,
+              const T* v, const T* bias, const T* gw, T* kA, T* vA, T* kB, T* yB, T* y, void* stream) {
   if (pb.Dv > 4 * kDecThreads) throw std::invalid_argument("tokmix CUDA decode: Dv > 512 is not supported");
-  if (pb.b_slot_of && nbl > kDecMaxLevels) throw std::invalid_argument("tokmix CUDA decode: more than 2048 lattice levels");
-  DecArgs a{pat, pb, nbl};
-  const size_t sm = sizeof(float) * (pb.Dk + kDecThreads + 32);
+  const bool lattice = st.slot_in != nullptr;
+  if (lattice && nbl > kDecMaxLevels) throw std::invalid_argument("tokmix CUDA decode: more than 4096 lattice levels");
+  DecArgs a{pat, pb, st, nbl};
+  const size_t sm = decode_smem(pb, nbl, lattice);
   allow_smem(decode_kernel<T>, sm);
   decode_kernel<T><<<dim3(pb.batch, pb.H), kDecThreads, sm, static_cast<cudaStream_t>(stream)>>>(a, q, k, v, bias, gw, kA, vA, kB, yB, y);
   TOKMIX_LAUNCHED("decode_kernel");
@@ -1248,12 +1347,27 @@ void mix_backward_cuda(const CudaMix& m, const void* q, const void* k, const voi
                                          dbias_units, dgate_units, ws));
 }
 
-void decode_step_cuda(const PatternDesc& dev_pat, const DecodeProblem& pb, int32_t nbl, DType dtype, const void* q, const void* k,
-                      const void* v, const void* bias, const void* gate_w, void* kA, void* vA, void* kB, void* yB, void* y,
-                      void* stream) {
-  TOKMIX_DISPATCH(dtype, decode_t<T>(dev_pat, pb, nbl, static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
+void decode_step_cuda(const PatternDesc& dev_pat, const DecodeProblem& pb, const CudaDecodeState& st, int32_t nbl, DType dtype,
+                      const void* q, const void* k, const void* v, const void* bias, const void* gate_w, void* kA, void* vA,
+                      void* kB, void* yB, void* y, void* stream) {
+  TOKMIX_DISPATCH(dtype, decode_t<T>(dev_pat, pb, st, nbl, static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
                                      static_cast<const T*>(bias), static_cast<const T*>(gate_w), static_cast<T*>(kA),
                                      static_cast<T*>(vA), static_cast<T*>(kB), static_cast<T*>(yB), static_cast<T*>(y), stream));
+}
+
+unsigned long long* decode_flags_alloc(int64_t n, unsigned long long** dev) {
+  void* hp = nullptr;
+  const size_t bytes = sizeof(unsigned long long) * static_cast<size_t>(std::max<int64_t>(n, 1));
+  TOKMIX_CU(cudaHostAlloc(&hp, bytes, cudaHostAllocMapped | cudaHostAllocPortable));
+  std::memset(hp, 0, bytes);
+  void* dp = nullptr;
+  TOKMIX_CU(cudaHostGetDevicePointer(&dp, hp, 0));
+  *dev = static_cast<unsigned long long*>(dp);
+  return static_cast<unsigned long long*>(hp);
+}
+
+void decode_flags_free(unsigned long long* host) {
+  if (host) cudaFreeHost(host);  // may run at exit after the context is gone: nothing to report then
 }
 
 }  // namespace tokmix::kernels

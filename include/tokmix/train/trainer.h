@@ -1,0 +1,84 @@
+// Training and evaluation of a language-model backbone on a synthetic task or a JSONL dataset:
+// AdamW with decoupled weight decay, linear warmup then cosine decay, gradient clipping,
+// periodic evaluation, stop at a target accuracy, checkpoints with exact resume, metrics as JSONL
+// and CSV, and a progress line.
+#pragma once
+#include <torch/torch.h>
+
+#include <iosfwd>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "tokmix/data/tasks.h"
+#include "tokmix/nn/model.h"
+
+namespace tokmix::train {
+
+struct TrainOptions {
+  nlohmann::json model;         // a model config (object), completed from the task when needed
+  std::string task;             // synthetic task spec ("mqar:T=256,N=16"), or
+  std::string data;             // a JSONL training file
+  std::string eval_data;        // JSONL evaluation file (default: the task's held-out stream)
+  int64_t batch_size = 32;
+  int64_t steps = 1000;
+  double lr = 1e-3;
+  double weight_decay = 0.1;    // on matrices and embeddings, not on norms or biases
+  int64_t warmup_steps = -1;    // -1: 5% of steps
+  double min_lr_ratio = 0.1;    // cosine decays to lr * min_lr_ratio
+  double grad_clip = 1.0;       // max global norm, 0 = off
+  int64_t eval_every = 100;
+  int64_t eval_batches = 8;
+  double target_accuracy = 0;   // stop when evaluation reaches it (0 = never)
+  uint64_t seed = 0;
+  std::string out;              // run directory: metrics, checkpoint
+  int64_t checkpoint_every = 0; // 0: only at the end
+  int64_t log_every = 10;
+  std::string device = "cpu";   // "cpu" | "cuda"
+  bool bf16 = false;            // autocast to bfloat16 (cuda)
+  int threads = 0;              // CPU threads, 0 = all cores
+
+  // Validates a config object: unknown keys, wrong types and impossible values are errors that
+  // name the key and what is accepted. `origin` prefixes messages (a file name).
+  static TrainOptions from_json(const nlohmann::json& j, const std::string& origin = "train config");
+  static TrainOptions load(const std::string& path);
+  nlohmann::json to_json() const;
+};
+
+struct EvalResult {
+  double loss = 0;
+  double accuracy = 0;    // argmax == label over supervised positions
+  int64_t supervised = 0;  // positions counted
+};
+
+struct TrainResult {
+  int64_t steps = 0;        // steps done (counting resumed ones)
+  double final_loss = 0;    // training loss of the last step
+  EvalResult eval;          // last evaluation
+  double best_accuracy = 0;
+  double tokens_per_s = 0;  // training throughput of this process
+  double seconds = 0;
+  bool reached_target = false;
+  std::string out;
+};
+
+// The model config a run uses: the options' model completed with the vocabulary and context
+// the task or data needs (an explicit value too small for them is an error).
+nn::ModelConfig resolve_model_config(const TrainOptions& o);
+
+// Trains. With resume, continues from `<out>/checkpoint` when it exists: batches are a function
+// of (seed, step) and the schedule of step, so a resumed run ends with the same weights as an
+// uninterrupted one. `stop_after` > 0 stops (with a checkpoint) after that many steps of this
+// call, as an interruption would. Progress goes to `log` (may be null).
+TrainResult train(const TrainOptions& o, bool resume = false, std::ostream* log = nullptr, int64_t stop_after = 0);
+
+// Evaluates a model on the held-out stream of a task (batches 0..batches-1 of seed ^ kEvalSeed)
+// or on a dataset.
+EvalResult evaluate(nn::LanguageModelImpl& model, const data::TaskSpec& task, int64_t batch_size, int64_t batches,
+                    uint64_t seed);
+EvalResult evaluate(nn::LanguageModelImpl& model, const data::Dataset& data, int64_t batch_size);
+
+constexpr uint64_t kEvalSeed = 0x5eed0e7a1ULL;  // evaluation streams never meet training streams
+
+}  // namespace tokmix::train

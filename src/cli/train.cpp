@@ -1,0 +1,138 @@
+// `tokmix train`, `tokmix eval`, `tokmix reproduce table1`.
+#include <torch/torch.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+
+#include "commands.h"
+#include "tokmix/mix.h"
+#include "tokmix/nn/checkpoint.h"
+#include "tokmix/train/trainer.h"
+
+namespace tokmix::cli {
+namespace {
+namespace fs = std::filesystem;
+
+std::string lr_name(double lr) {
+  std::ostringstream os;
+  os << lr;
+  return os.str();
+}
+
+// Runs one configuration per learning rate and keeps the best (eval accuracy, then loss), as
+// Zoology's sweeps do. The best run's directory is reported; every run keeps its own.
+train::TrainResult train_sweep(train::TrainOptions o, const std::vector<double>& lrs, bool resume, std::ostream* log) {
+  if (lrs.size() <= 1) {
+    if (!lrs.empty()) o.lr = lrs[0];
+    return train::train(o, resume, log);
+  }
+  train::TrainResult best;
+  bool have = false;
+  const std::string base = o.out;
+  for (double lr : lrs) {
+    train::TrainOptions r = o;
+    r.lr = lr;
+    if (!base.empty()) r.out = (fs::path(base) / ("lr_" + lr_name(lr))).string();
+    if (log) *log << "== lr " << lr << "\n";
+    auto res = train::train(r, resume, log);
+    if (log) *log << "   lr " << lr << ": eval accuracy " << 100 * res.eval.accuracy << "%, eval loss " << res.eval.loss << "\n";
+    if (!have || res.eval.accuracy > best.eval.accuracy ||
+        (res.eval.accuracy == best.eval.accuracy && res.eval.loss < best.eval.loss)) {
+      best = res;
+      have = true;
+    }
+  }
+  if (log) *log << "best: " << best.out << " (eval accuracy " << 100 * best.eval.accuracy << "%)\n";
+  return best;
+}
+
+CommandRegistrar reg_train([](CLI::App& app) {
+  auto* cmd = app.add_subcommand("train", "Train a model on a synthetic task or a JSONL dataset (config: JSON, see configs/train)");
+  struct Args {
+    std::string config, out, task, data, device;
+    std::vector<double> lrs;
+    int64_t steps = 0, batch = 0;
+    int64_t seed = -1;
+    bool resume = false;
+  };
+  auto a = std::make_shared<Args>();
+  cmd->add_option("--config", a->config, "train config (JSON)")->required()->check(CLI::ExistingFile);
+  cmd->add_option("--lr", a->lrs, "learning rate(s); several: a sweep keeping the best")->delimiter(',');
+  cmd->add_option("--steps", a->steps, "override steps");
+  cmd->add_option("--batch-size", a->batch, "override batch size");
+  cmd->add_option("--out", a->out, "override the run directory");
+  cmd->add_option("--task", a->task, "override the task spec");
+  cmd->add_option("--data", a->data, "override the JSONL training file");
+  cmd->add_option("--seed", a->seed, "override the seed");
+  cmd->add_option("--device", a->device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
+  cmd->add_flag("--resume", a->resume, "continue from <out>/checkpoint when it exists");
+  cmd->callback([a] {
+    auto o = train::TrainOptions::load(a->config);
+    if (a->steps > 0) o.steps = a->steps;
+    if (a->batch > 0) o.batch_size = a->batch;
+    if (!a->out.empty()) o.out = a->out;
+    if (!a->task.empty()) {
+      o.task = a->task;
+      o.data.clear();
+    }
+    if (!a->data.empty()) {
+      o.data = a->data;
+      o.task.clear();
+    }
+    if (a->seed >= 0) o.seed = uint64_t(a->seed);
+    if (!a->device.empty()) o.device = a->device;
+    if (o.out.empty()) o.out = "runs/" + fs::path(a->config).stem().string();
+    auto r = train_sweep(o, a->lrs, a->resume, &std::cerr);
+    std::printf("trained %lld steps in %.1f s (%.0f tokens/s): final loss %.4f, eval loss %.4f, eval accuracy %.2f%%%s\nrun: %s\n",
+                (long long)r.steps, r.seconds, r.tokens_per_s, r.final_loss, r.eval.loss, 100 * r.eval.accuracy,
+                r.reached_target ? " (target reached)" : "", r.out.c_str());
+  });
+});
+
+CommandRegistrar reg_eval([](CLI::App& app) {
+  auto* cmd = app.add_subcommand("eval", "Evaluate a checkpoint on a task or a JSONL file: accuracy over supervised positions");
+  struct Args {
+    std::string ckpt, data, task, json;
+    int64_t batches = 16, batch = 32, seed = 0;
+  };
+  auto a = std::make_shared<Args>();
+  cmd->add_option("--checkpoint", a->ckpt, "checkpoint directory")->required();
+  auto* d = cmd->add_option("--data", a->data, "JSONL file of {input, labels}");
+  auto* t = cmd->add_option("--task", a->task, "synthetic task spec");
+  d->excludes(t);
+  cmd->add_option("--batches", a->batches, "batches of the task's held-out stream");
+  cmd->add_option("--batch-size", a->batch, "batch size");
+  cmd->add_option("--seed", a->seed, "seed of the held-out stream");
+  cmd->add_option("--json", a->json, "write the result as JSON");
+  cmd->callback([a] {
+    if (a->data.empty() == a->task.empty()) throw std::invalid_argument("give exactly one of --data or --task");
+    set_threads();
+    auto [model, info] = nn::load_model(a->ckpt);
+    model->eval();
+    train::EvalResult r;
+    if (!a->task.empty()) {
+      auto spec = data::parse_task_spec(a->task);
+      if (data::vocab_size(spec) > info.config.vocab_size || spec.T > info.config.max_context)
+        throw std::invalid_argument("task '" + a->task + "' needs vocabulary " + std::to_string(data::vocab_size(spec)) + " and context " +
+                                    std::to_string(spec.T) + "; the model has " + std::to_string(info.config.vocab_size) + " and " +
+                                    std::to_string(info.config.max_context));
+      r = train::evaluate(*model, spec, a->batch, a->batches, uint64_t(a->seed));
+    } else {
+      r = train::evaluate(*model, data::read_jsonl(a->data), a->batch);
+    }
+    std::printf("accuracy %.4f (%lld supervised positions), loss %.4f\n", r.accuracy, (long long)r.supervised, r.loss);
+    if (!a->json.empty()) {
+      nlohmann::json j = {{"checkpoint", a->ckpt}, {"accuracy", r.accuracy}, {"loss", r.loss}, {"supervised", r.supervised},
+                          {"step", info.step}};
+      if (!a->task.empty()) j["task"] = a->task;
+      else j["data"] = a->data;
+      std::ofstream(a->json) << j.dump(2) << "\n";
+    }
+  });
+});
+
+}  // namespace
+}  // namespace tokmix::cli

@@ -1,0 +1,457 @@
+#include "tokmix/train/trainer.h"
+
+#include <ATen/autocast_mode.h>
+#include <torch/version.h>
+
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <iomanip>
+#include <map>
+#include <random>
+#include <sstream>
+
+#include "tokmix/mix.h"
+#include "tokmix/nn/checkpoint.h"
+
+namespace tokmix::train {
+namespace fs = std::filesystem;
+using torch::Tensor;
+
+namespace {
+
+[[noreturn]] void fail(const std::string& origin, const std::string& key, const std::string& what) {
+  throw std::invalid_argument(origin + ": '" + key + "' " + what);
+}
+
+const std::vector<std::string> kKeys = {"comment",     "model",        "task",         "data",          "eval_data",
+                                        "batch_size",  "steps",        "lr",           "weight_decay",  "warmup_steps",
+                                        "min_lr_ratio", "grad_clip",   "eval_every",   "eval_batches",  "target_accuracy",
+                                        "seed",        "out",          "checkpoint_every", "log_every", "device",
+                                        "bf16",        "threads"};
+
+std::string join(const std::vector<std::string>& v) {
+  std::string s;
+  for (auto& x : v) s += (s.empty() ? "" : ", ") + x;
+  return s;
+}
+
+int64_t get_int(const nlohmann::json& j, const std::string& key, int64_t lo, int64_t hi, const std::string& origin) {
+  const auto& v = j.at(key);
+  if (!v.is_number_integer()) fail(origin, key, "must be an integer, got " + v.dump());
+  int64_t x = v.get<int64_t>();
+  if (x < lo || x > hi) fail(origin, key, "= " + std::to_string(x) + " is out of range [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
+  return x;
+}
+double get_num(const nlohmann::json& j, const std::string& key, double lo, double hi, const std::string& origin) {
+  const auto& v = j.at(key);
+  if (!v.is_number()) fail(origin, key, "must be a number, got " + v.dump());
+  double x = v.get<double>();
+  if (!(x >= lo && x <= hi)) {
+    std::ostringstream os;
+    os << "= " << x << " is out of range [" << lo << ", " << hi << "]";
+    fail(origin, key, os.str());
+  }
+  return x;
+}
+std::string get_str(const nlohmann::json& j, const std::string& key, const std::string& origin) {
+  const auto& v = j.at(key);
+  if (!v.is_string()) fail(origin, key, "must be a string, got " + v.dump());
+  return v.get<std::string>();
+}
+
+// Where the batches of a run come from.
+struct Source {
+  bool synthetic = true;
+  data::TaskSpec task;
+  data::Dataset dataset;
+  std::map<int64_t, std::vector<int64_t>> perms;  // epoch -> row order
+
+  data::Batch get(int64_t step, int64_t B, uint64_t seed) {
+    if (synthetic) return data::make_batch(task, B, seed, step);
+    const int64_t n = dataset.size();
+    std::vector<int64_t> rows;
+    for (int64_t r = 0; r < B; ++r) {
+      const int64_t flat = step * B + r, epoch = flat / n;
+      auto it = perms.find(epoch);
+      if (it == perms.end()) {
+        std::vector<int64_t> p(n);
+        for (int64_t i = 0; i < n; ++i) p[i] = i;
+        std::mt19937_64 rng(seed * 0x9E3779B97F4A7C15ULL + uint64_t(epoch));
+        std::shuffle(p.begin(), p.end(), rng);
+        if (perms.size() > 4) perms.erase(perms.begin());
+        it = perms.emplace(epoch, std::move(p)).first;
+      }
+      rows.push_back(it->second[flat % n]);
+    }
+    return dataset.batch(rows);
+  }
+};
+
+Source make_source(const TrainOptions& o) {
+  Source s;
+  if (!o.task.empty()) {
+    s.task = data::parse_task_spec(o.task);
+  } else {
+    s.synthetic = false;
+    s.dataset = data::read_jsonl(o.data);
+    if (s.dataset.size() == 0) throw std::invalid_argument("data file '" + o.data + "' holds no sequences");
+  }
+  return s;
+}
+
+struct Scored {
+  double loss_sum = 0;
+  int64_t correct = 0, supervised = 0;
+};
+
+Scored score(nn::LanguageModelImpl& model, const data::Batch& b, torch::Device dev) {
+  torch::NoGradGuard ng;
+  Tensor input = b.input.to(dev), labels = b.labels.to(dev);
+  Tensor logits = model.forward(input).to(torch::kFloat32);
+  const int64_t V = logits.size(-1);
+  Tensor flat = logits.reshape({-1, V}), lab = labels.reshape({-1});
+  Scored s;
+  s.loss_sum = torch::nn::functional::cross_entropy(
+                   flat, lab, torch::nn::functional::CrossEntropyFuncOptions().ignore_index(data::kIgnore).reduction(torch::kSum))
+                   .item<double>();
+  Tensor mask = lab != data::kIgnore;
+  s.supervised = mask.sum().item<int64_t>();
+  s.correct = ((flat.argmax(-1) == lab) & mask).sum().item<int64_t>();
+  return s;
+}
+
+EvalResult finish(const Scored& s) {
+  EvalResult r;
+  r.supervised = s.supervised;
+  r.loss = s.supervised ? s.loss_sum / double(s.supervised) : 0;
+  r.accuracy = s.supervised ? double(s.correct) / double(s.supervised) : 0;
+  return r;
+}
+
+// bf16 autocast on CUDA, across the LibTorch versions the project builds against.
+void cuda_autocast(bool on) {
+#if TORCH_VERSION_MAJOR >= 2
+  at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
+  at::autocast::set_autocast_enabled(at::kCUDA, on);
+#else
+  at::autocast::set_autocast_gpu_dtype(at::kBFloat16);
+  at::autocast::set_enabled(on);
+#endif
+  if (!on) at::autocast::clear_cache();
+}
+
+double lr_at(const TrainOptions& o, int64_t step) {
+  const int64_t warm = o.warmup_steps >= 0 ? o.warmup_steps : std::max<int64_t>(1, o.steps / 20);
+  if (step < warm) return o.lr * double(step + 1) / double(warm);
+  const double prog = o.steps > warm ? double(step - warm) / double(o.steps - warm) : 1.0;
+  const double lo = o.lr * o.min_lr_ratio;
+  return lo + (o.lr - lo) * 0.5 * (1 + std::cos(M_PI * std::min(1.0, prog)));
+}
+
+std::string hms(double s) {
+  if (!std::isfinite(s) || s < 0) return "?";
+  int64_t t = int64_t(s + 0.5);
+  std::ostringstream os;
+  if (t >= 3600) os << t / 3600 << ":" << std::setw(2) << std::setfill('0') << (t / 60) % 60 << ":" << std::setw(2) << t % 60;
+  else os << t / 60 << ":" << std::setw(2) << std::setfill('0') << t % 60;
+  return os.str();
+}
+
+std::string si(double v) {
+  std::ostringstream os;
+  os << std::fixed << std::setprecision(1);
+  if (v >= 1e6) os << v / 1e6 << "M";
+  else if (v >= 1e3) os << v / 1e3 << "K";
+  else os << v;
+  return os.str();
+}
+
+}  // namespace
+
+TrainOptions TrainOptions::from_json(const nlohmann::json& j, const std::string& origin) {
+  if (!j.is_object()) throw std::invalid_argument(origin + ": expected a JSON object");
+  for (auto it = j.begin(); it != j.end(); ++it)
+    if (std::find(kKeys.begin(), kKeys.end(), it.key()) == kKeys.end())
+      fail(origin, it.key(), "is not a known key; accepted: " + join(kKeys));
+  TrainOptions o;
+  if (!j.contains("model")) fail(origin, "model", "is required (a model config object or the path of one)");
+  if (j["model"].is_string()) {
+    std::string path = j["model"].get<std::string>();
+    std::ifstream f(path);
+    if (!f && fs::path(origin).has_parent_path()) f.open(fs::path(origin).parent_path() / path);
+    if (!f) fail(origin, "model", "names '" + path + "', which cannot be read");
+    try {
+      o.model = nlohmann::json::parse(f);
+    } catch (const std::exception& e) {
+      fail(origin, "model", "file '" + path + "' is not valid JSON: " + e.what());
+    }
+  } else if (j["model"].is_object()) {
+    o.model = j["model"];
+  } else {
+    fail(origin, "model", "must be an object or a path");
+  }
+  if (j.contains("task")) o.task = get_str(j, "task", origin);
+  if (j.contains("data")) o.data = get_str(j, "data", origin);
+  if (j.contains("eval_data")) o.eval_data = get_str(j, "eval_data", origin);
+  if (o.task.empty() == o.data.empty()) fail(origin, "task", "or 'data': give exactly one of them");
+  if (!o.task.empty()) {
+    try {
+      data::parse_task_spec(o.task);
+    } catch (const std::exception& e) {
+      fail(origin, "task", std::string("is not valid: ") + e.what());
+    }
+  }
+  if (j.contains("batch_size")) o.batch_size = get_int(j, "batch_size", 1, 1 << 20, origin);
+  if (j.contains("steps")) o.steps = get_int(j, "steps", 1, int64_t(1) << 40, origin);
+  if (j.contains("lr")) o.lr = get_num(j, "lr", 1e-12, 10, origin);
+  if (j.contains("weight_decay")) o.weight_decay = get_num(j, "weight_decay", 0, 10, origin);
+  if (j.contains("warmup_steps")) o.warmup_steps = get_int(j, "warmup_steps", -1, int64_t(1) << 40, origin);
+  if (j.contains("min_lr_ratio")) o.min_lr_ratio = get_num(j, "min_lr_ratio", 0, 1, origin);
+  if (j.contains("grad_clip")) o.grad_clip = get_num(j, "grad_clip", 0, 1e9, origin);
+  if (j.contains("eval_every")) o.eval_every = get_int(j, "eval_every", 0, int64_t(1) << 40, origin);
+  if (j.contains("eval_batches")) o.eval_batches = get_int(j, "eval_batches", 1, 1 << 20, origin);
+  if (j.contains("target_accuracy")) o.target_accuracy = get_num(j, "target_accuracy", 0, 1, origin);
+  if (j.contains("seed")) o.seed = uint64_t(get_int(j, "seed", 0, INT64_MAX, origin));
+  if (j.contains("out")) o.out = get_str(j, "out", origin);
+  if (j.contains("checkpoint_every")) o.checkpoint_every = get_int(j, "checkpoint_every", 0, int64_t(1) << 40, origin);
+  if (j.contains("log_every")) o.log_every = get_int(j, "log_every", 1, int64_t(1) << 40, origin);
+  if (j.contains("device")) {
+    o.device = get_str(j, "device", origin);
+    if (o.device != "cpu" && o.device != "cuda") fail(origin, "device", "= '" + o.device + "'; accepted: cpu, cuda");
+  }
+  if (j.contains("bf16")) {
+    if (!j["bf16"].is_boolean()) fail(origin, "bf16", "must be true or false");
+    o.bf16 = j["bf16"].get<bool>();
+  }
+  if (j.contains("threads")) o.threads = int(get_int(j, "threads", 0, 4096, origin));
+  return o;
+}
+
+TrainOptions TrainOptions::load(const std::string& path) {
+  std::ifstream f(path);
+  if (!f) throw std::invalid_argument("cannot read train config '" + path + "'");
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(f);
+  } catch (const std::exception& e) {
+    throw std::invalid_argument(path + ": not valid JSON: " + e.what());
+  }
+  return from_json(j, path);
+}
+
+nlohmann::json TrainOptions::to_json() const {
+  nlohmann::json j = {{"model", model},          {"batch_size", batch_size},     {"steps", steps},
+                      {"lr", lr},                {"weight_decay", weight_decay}, {"warmup_steps", warmup_steps},
+                      {"min_lr_ratio", min_lr_ratio}, {"grad_clip", grad_clip}, {"eval_every", eval_every},
+                      {"eval_batches", eval_batches}, {"target_accuracy", target_accuracy}, {"seed", seed},
+                      {"out", out},              {"checkpoint_every", checkpoint_every}, {"log_every", log_every},
+                      {"device", device},        {"bf16", bf16},                {"threads", threads}};
+  if (!task.empty()) j["task"] = task;
+  if (!data.empty()) j["data"] = data;
+  if (!eval_data.empty()) j["eval_data"] = eval_data;
+  return j;
+}
+
+nn::ModelConfig resolve_model_config(const TrainOptions& o) {
+  nlohmann::json m = o.model;
+  int64_t need_vocab = 0, need_T = 0;
+  if (!o.task.empty()) {
+    auto spec = data::parse_task_spec(o.task);
+    need_vocab = data::vocab_size(spec);
+    need_T = spec.T;
+  } else {
+    auto d = data::read_jsonl(o.data);
+    need_vocab = d.vocab_size();
+    need_T = d.max_length();
+  }
+  if (!m.contains("vocab_size")) m["vocab_size"] = std::max<int64_t>(2, need_vocab);
+  if (!m.contains("max_context")) m["max_context"] = need_T;
+  auto cfg = nn::ModelConfig::from_json(m, "model");
+  if (cfg.vocab_size < need_vocab)
+    throw std::invalid_argument("model: 'vocab_size' = " + std::to_string(cfg.vocab_size) + " but the data uses tokens up to " +
+                                std::to_string(need_vocab - 1) + "; expected >= " + std::to_string(need_vocab));
+  if (cfg.max_context < need_T)
+    throw std::invalid_argument("model: 'max_context' = " + std::to_string(cfg.max_context) + " but sequences have " +
+                                std::to_string(need_T) + " tokens; expected >= " + std::to_string(need_T));
+  return cfg;
+}
+
+EvalResult evaluate(nn::LanguageModelImpl& model, const data::TaskSpec& task, int64_t batch_size, int64_t batches, uint64_t seed) {
+  Scored tot;
+  const auto dev = model.parameters().front().device();
+  for (int64_t b = 0; b < batches; ++b) {
+    Scored s = score(model, data::make_batch(task, batch_size, seed ^ kEvalSeed, b), dev);
+    tot.loss_sum += s.loss_sum;
+    tot.correct += s.correct;
+    tot.supervised += s.supervised;
+  }
+  return finish(tot);
+}
+
+EvalResult evaluate(nn::LanguageModelImpl& model, const data::Dataset& d, int64_t batch_size) {
+  Scored tot;
+  const auto dev = model.parameters().front().device();
+  for (int64_t first = 0; first < d.size(); first += batch_size) {
+    Scored s = score(model, d.batch(first, std::min(batch_size, d.size() - first)), dev);
+    tot.loss_sum += s.loss_sum;
+    tot.correct += s.correct;
+    tot.supervised += s.supervised;
+  }
+  return finish(tot);
+}
+
+TrainResult train(const TrainOptions& o, bool resume, std::ostream* log, int64_t stop_after) {
+  using Clock = std::chrono::steady_clock;
+  set_threads(o.threads);
+  if (o.device == "cuda" && !torch::cuda::is_available())
+    throw std::invalid_argument("device 'cuda' requested but no CUDA device is available to this LibTorch");
+  const torch::Device dev(o.device == "cuda" ? torch::kCUDA : torch::kCPU);
+  const nn::ModelConfig cfg = resolve_model_config(o);
+  Source src = make_source(o);
+  data::Dataset eval_set;
+  const bool eval_on_file = !o.eval_data.empty() || !src.synthetic;
+  if (!o.eval_data.empty()) eval_set = data::read_jsonl(o.eval_data);
+  else if (!src.synthetic) eval_set = src.dataset;  // no held-out file: report fit on the training data
+
+  torch::manual_seed(o.seed);
+  nn::LanguageModel model(cfg);
+  model->to(dev);
+  std::vector<Tensor> decay, no_decay;
+  for (auto& p : model->named_parameters()) (p.value().dim() >= 2 ? decay : no_decay).push_back(p.value());
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  auto opt_decay = std::make_unique<torch::optim::AdamWOptions>(o.lr);
+  opt_decay->weight_decay(o.weight_decay).betas({0.9, 0.95});
+  auto opt_plain = std::make_unique<torch::optim::AdamWOptions>(o.lr);
+  opt_plain->weight_decay(0.0).betas({0.9, 0.95});
+  groups.emplace_back(decay, std::move(opt_decay));
+  if (!no_decay.empty()) groups.emplace_back(no_decay, std::move(opt_plain));
+  torch::optim::AdamW opt(groups);
+
+  TrainResult res;
+  res.out = o.out;
+  const std::string ckpt = o.out.empty() ? "" : (fs::path(o.out) / "checkpoint").string();
+  nlohmann::json tokenizer = src.synthetic ? nlohmann::json{{"type", "synthetic"}, {"task", o.task}}
+                                           : nlohmann::json{{"type", "token-ids"}, {"data", o.data}};
+  int64_t start = 0;
+  if (resume && !ckpt.empty() && fs::exists(fs::path(ckpt) / "checkpoint.json")) {
+    auto info = nn::load_checkpoint(ckpt, *model, &opt);
+    start = info.step;
+    if (log) *log << "resumed from " << ckpt << " at step " << start << "\n";
+  }
+  std::ofstream jsonl, csv;
+  if (!o.out.empty()) {
+    fs::create_directories(o.out);
+    const auto mode = start > 0 ? std::ios::app : std::ios::trunc;
+    jsonl.open(fs::path(o.out) / "metrics.jsonl", mode);
+    const bool fresh_csv = start == 0 || !fs::exists(fs::path(o.out) / "metrics.csv");
+    csv.open(fs::path(o.out) / "metrics.csv", fresh_csv ? std::ios::trunc : std::ios::app);
+    if (fresh_csv) csv << "step,lr,loss,tokens_per_s,eval_loss,eval_accuracy\n";
+    std::ofstream(fs::path(o.out) / "options.json") << o.to_json().dump(2) << "\n";
+  }
+  auto save = [&](int64_t step) {
+    if (!ckpt.empty()) nn::save_checkpoint(ckpt, *model, tokenizer, step, &opt);
+  };
+  auto run_eval = [&]() {
+    model->eval();
+    EvalResult e = eval_on_file ? evaluate(*model, eval_set, o.batch_size) : evaluate(*model, src.task, o.batch_size, o.eval_batches, o.seed);
+    model->train();
+    return e;
+  };
+
+  const auto t0 = Clock::now();
+  int64_t tokens = 0;
+  double loss_avg = 0;
+  int64_t loss_n = 0;
+  int64_t step = start;
+  for (; step < o.steps; ++step) {
+    data::Batch b = src.get(step, o.batch_size, o.seed);
+    Tensor input = b.input.to(dev), labels = b.labels.to(dev);
+    const double lr = lr_at(o, step);
+    for (auto& g : opt.param_groups()) static_cast<torch::optim::AdamWOptions&>(g.options()).lr(lr);
+    opt.zero_grad();
+    Tensor logits;
+    {
+      const bool autocast = o.bf16 && dev.is_cuda();
+      if (autocast) cuda_autocast(true);
+      logits = model->forward(input);
+      if (autocast) cuda_autocast(false);
+    }
+    const int64_t V = logits.size(-1);
+    Tensor loss = torch::nn::functional::cross_entropy(logits.to(torch::kFloat32).reshape({-1, V}), labels.reshape({-1}),
+                                                       torch::nn::functional::CrossEntropyFuncOptions().ignore_index(data::kIgnore));
+    const double lv = loss.item<double>();
+    if (!std::isfinite(lv))
+      throw std::runtime_error("training loss is " + std::to_string(lv) + " at step " + std::to_string(step) +
+                               "; stopping (the last checkpoint is intact). Lower the learning rate or enable grad_clip.");
+    loss.backward();
+    if (o.grad_clip > 0) torch::nn::utils::clip_grad_norm_(model->parameters(), o.grad_clip);
+    opt.step();
+    tokens += b.input.numel();
+    loss_avg += lv;
+    ++loss_n;
+    res.final_loss = lv;
+    const int64_t done = step + 1;
+    const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
+    const double tps = tokens / std::max(secs, 1e-9);
+    bool evaluated = false;
+    EvalResult e;
+    if ((o.eval_every > 0 && done % o.eval_every == 0) || done == o.steps) {
+      e = run_eval();
+      evaluated = true;
+      res.eval = e;
+      res.best_accuracy = std::max(res.best_accuracy, e.accuracy);
+    }
+    if (done % o.log_every == 0 || evaluated || done == o.steps) {
+      const double eta = (o.steps - done) * secs / double(done - start);
+      if (log) {
+        *log << "step " << done << "/" << o.steps << " | loss " << std::fixed << std::setprecision(4) << loss_avg / loss_n;
+        if (evaluated) *log << " | eval loss " << e.loss << " acc " << std::setprecision(1) << 100 * e.accuracy << "%";
+        *log << " | lr " << std::scientific << std::setprecision(2) << lr << std::fixed << " | " << si(tps) << " tok/s | ETA "
+             << hms(eta) << "\n";
+        log->flush();
+      }
+      if (jsonl.is_open()) {
+        nlohmann::json r = {{"step", done}, {"lr", lr}, {"loss", loss_avg / loss_n}, {"tokens_per_s", tps}, {"seconds", secs}};
+        if (evaluated) {
+          r["eval_loss"] = e.loss;
+          r["eval_accuracy"] = e.accuracy;
+        }
+        jsonl << r.dump() << "\n";
+        jsonl.flush();
+        csv << done << "," << lr << "," << loss_avg / loss_n << "," << tps << ",";
+        if (evaluated) csv << e.loss << "," << e.accuracy;
+        else csv << ",";
+        csv << "\n";
+        csv.flush();
+      }
+      loss_avg = 0;
+      loss_n = 0;
+    }
+    if (evaluated && o.target_accuracy > 0 && e.accuracy >= o.target_accuracy) {
+      res.reached_target = true;
+      ++step;
+      break;
+    }
+    if (o.checkpoint_every > 0 && done % o.checkpoint_every == 0 && done != o.steps) save(done);
+    if (stop_after > 0 && done - start >= stop_after) {
+      ++step;
+      break;
+    }
+  }
+  res.steps = step;
+  save(step);
+  res.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+  res.tokens_per_s = tokens / std::max(res.seconds, 1e-9);
+  if (!o.out.empty()) {
+    nlohmann::json r = {{"steps", res.steps},        {"final_loss", res.final_loss}, {"eval_loss", res.eval.loss},
+                        {"eval_accuracy", res.eval.accuracy}, {"best_accuracy", res.best_accuracy},
+                        {"tokens_per_s", res.tokens_per_s}, {"seconds", res.seconds}, {"reached_target", res.reached_target},
+                        {"model", cfg.to_json()},     {"parameters", model->num_parameters()}};
+    std::ofstream(fs::path(o.out) / "result.json") << r.dump(2) << "\n";
+  }
+  return res;
+}
+
+}  // namespace tokmix::train
