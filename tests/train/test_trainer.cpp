@@ -41,7 +41,7 @@ TEST(Trainer, LossGoesDownAndMetricsAreWritten) {
   o.steps = 120;
   o.lr = 1e-2;
   auto r = train::train(o);
-  EXPECT_EQ(r.steps, 60);
+  EXPECT_EQ(r.steps, 120);
   std::ifstream f(fs::path(o.out) / "metrics.jsonl");
   std::vector<double> losses;
   std::string line;
