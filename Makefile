@@ -23,7 +23,7 @@ test: build
 	@cd $(BUILD) && ctest --output-on-failure -j $(JOBS)
 
 bench: build
-	@$(BUILD)/tokmix bench mix
+	@$(BUILD)/tokmix bench mix --json out/bench-mix-full.json
 
 clean:
 	rm -rf $(BUILD)
