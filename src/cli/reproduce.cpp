@@ -46,9 +46,9 @@ Preset preset(const std::string& name) {
     // 2 CPU cores, ~15 minutes for 27 runs: short sequences, a small vocabulary, one lr.
     return {{"copy:T=48,L=12,V=16", "mqar:T=64,N=8,V=128", "multihop:T=64,N=4,hops=2,V=64"},
             {{"d_model", 64}, {"n_layers", 2}, {"positions", "none"}, {"mlp", true}, {"mixer", {{"heads", 4}, {"conv", 4}}}},
-            220,
+            550,
             32,
-            8,
+            4,
             4,
             {3e-3}};
   }
