@@ -177,13 +177,17 @@ CommandRegistrar reg([](CLI::App& app) {
   m->add_option("--batch", o->B, "batch");
   m->add_option("--heads", o->H, "heads");
   m->add_option("--dim", o->D, "head width (Dk = Dv)");
-  m->add_option("--reps", o->reps, "timed repetitions (median)");
+  m->add_option("--reps", o->reps, "timed repetitions (median)")->check(CLI::PositiveNumber);
   m->add_option("--threads", o->threads, "threads (0: all cores)");
   m->add_option("--mode", o->mode, "softmax or gate")->check(CLI::IsMember({"softmax", "gate"}));
   m->add_option("--quadratic-max-T", o->quadratic_max_T, "longest T for patterns with O(n) rows (attention, dense)");
   m->add_option("--dense-max-T", o->dense_max_T, "longest T for the dense triangular-solve baseline");
   m->add_option("--json", o->json, "write rows as JSON to this file");
-  m->callback([o] { run_bench(*o); });
+  m->callback([o] {
+    if (o->patterns.empty() || o->Ts.empty() || o->decode_ctx.empty())
+      throw std::invalid_argument("--patterns, --T and --decode-contexts need at least one value each");
+    run_bench(*o);
+  });
 });
 
 }  // namespace

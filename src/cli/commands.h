@@ -14,7 +14,4 @@ struct CommandRegistrar {
   explicit CommandRegistrar(CommandSetup f) { command_registry().push_back(std::move(f)); }
 };
 
-// Runs `argv` as if typed after `tokmix` (used by the demo to chain commands).
-int run_subcommand(const std::vector<std::string>& args);
-
 }  // namespace tokmix::cli

@@ -85,19 +85,6 @@ CommandRegistrar reg_pattern([](CLI::App& app) {
 
 }  // namespace
 
-int run_subcommand(const std::vector<std::string>& args) {
-  CLI::App app{"tokmix"};
-  app.require_subcommand(1);
-  for (auto& setup : command_registry()) setup(app);
-  std::vector<std::string> rev(args.rbegin(), args.rend());
-  try {
-    app.parse(rev);
-  } catch (const CLI::ParseError& e) {
-    return app.exit(e);
-  }
-  return 0;
-}
-
 }  // namespace tokmix::cli
 
 int main(int argc, char** argv) {

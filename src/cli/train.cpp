@@ -60,7 +60,7 @@ CommandRegistrar reg_train([](CLI::App& app) {
   };
   auto a = std::make_shared<Args>();
   cmd->add_option("--config", a->config, "train config (JSON)")->required()->check(CLI::ExistingFile);
-  cmd->add_option("--lr", a->lrs, "learning rate(s); several: a sweep keeping the best")->delimiter(',');
+  cmd->add_option("--lr", a->lrs, "learning rate(s); several: a sweep keeping the best")->delimiter(',')->check(CLI::Range(1e-12, 10.0));
   cmd->add_option("--steps", a->steps, "override steps");
   cmd->add_option("--batch-size", a->batch, "override batch size");
   cmd->add_option("--out", a->out, "override the run directory");

@@ -225,6 +225,10 @@ Sequence Sequence::parse(const std::string& text_in) {
     while (std::getline(ss, item, ',')) {
       item = trim(item);
       if (item.empty()) throw PatternError("f list '" + q.text + "': empty item");
+      const bool digits = std::all_of(item.begin(), item.end(), [](char c) { return std::isdigit(static_cast<unsigned char>(c)); }) ||
+                          (item.size() > 1 && item[0] == '-' &&
+                           std::all_of(item.begin() + 1, item.end(), [](char c) { return std::isdigit(static_cast<unsigned char>(c)); }));
+      if (!digits) throw PatternError("f list '" + q.text + "': item '" + item + "' is not an integer");
       if (item.size() > 15) throw PatternError("f list '" + q.text + "': value '" + item + "' is too large");
       q.f.push_back(std::stoll(item));
     }
@@ -234,9 +238,9 @@ Sequence Sequence::parse(const std::string& text_in) {
   Formula fm(t);
   for (size_t k = 0; k < kFormulaTerms; ++k) {
     long double v = fm.eval(static_cast<long double>(k));
-    if (v != static_cast<long double>(static_cast<long long>(v)) && v < 1e18L)
+    if (v >= static_cast<long double>(kFormulaLimit)) break;  // before any conversion: no overflow
+    if (v != static_cast<long double>(static_cast<long long>(v)))
       throw PatternError("f '" + q.text + "': f(" + std::to_string(k) + ") is not an integer");
-    if (v >= static_cast<long double>(kFormulaLimit)) break;
     q.f.push_back(static_cast<int64_t>(v));
     if (q.f.size() >= 2 && q.f.back() <= q.f[q.f.size() - 2]) break;  // reported by the check below
   }
@@ -438,8 +442,9 @@ int64_t Pattern::max_row_size(int64_t n) const {
         return s.window > 0 ? std::min(s.window, reach) : reach;
       }
       case SupportKind::Offsets:
-      case SupportKind::Lattice:
         return num_B_levels(n);
+      case SupportKind::Lattice:
+        return cache_B(n);  // merged levels: the exact max |L(i)|, below the level count
       default:
         return 0;
     }

@@ -399,7 +399,8 @@ torch::Tensor mix(const Tensor& q, const Tensor& k, const Tensor& v, const std::
     bad(e.what());
   }
   const bool gate = parse_mode(opt.mode) == kernels::Mode::Gate;
-  Tensor kk = k.defined() ? k : (gate ? q : k);
+  if (!gate && !k.defined()) bad("k must be a defined tensor in softmax mode");
+  Tensor kk = k.defined() ? k : q;
   return MixFunction::apply(q, kk, v, placeholder(opt.bias), placeholder(opt.gate_weight), placeholder(opt.cu_seqlens), pat->spec(), opt.mode, opt.scale, opt.gamma)[0];
 }
 
@@ -533,11 +534,14 @@ torch::Tensor MixCache::prefill(const Tensor& q, const Tensor& k, const Tensor& 
     if (cu.numel() - 1 != batch_)
       throw std::invalid_argument("tokmix::MixCache::prefill: cu_seqlens has " + std::to_string(cu.numel() - 1) + " sequences; the cache holds " +
                                   std::to_string(batch_));
+    for (int64_t b = 0; b < batch_; ++b) {  // every length first: a refused prefill stores nothing
+      int64_t len = cu[b + 1].item<int64_t>() - cu[b].item<int64_t>();
+      if (len > max_context_)
+        throw std::invalid_argument("tokmix::MixCache::prefill: prompt " + std::to_string(b) + " has " + std::to_string(len) +
+                                    " tokens; the cache was made for max_context = " + std::to_string(max_context_));
+    }
     for (int64_t b = 0; b < batch_; ++b) {
       int64_t t0 = cu[b].item<int64_t>(), t1 = cu[b + 1].item<int64_t>();
-      if (t1 - t0 > max_context_)
-        throw std::invalid_argument("tokmix::MixCache::prefill: prompt " + std::to_string(b) + " has " + std::to_string(t1 - t0) +
-                                    " tokens; the cache was made for max_context = " + std::to_string(max_context_));
       store_from_prompt(b, kk[0].slice(0, t0, t1).detach(), v[0].slice(0, t0, t1).detach(), yd[0].slice(0, t0, t1), t1 - t0);
     }
   } else {
@@ -575,6 +579,18 @@ torch::Tensor MixCache::step(const Tensor& q, const Tensor& k, const Tensor& v, 
               std::to_string(max_context_));
   // Levels: the tables must cover the longest row this cache serves.
   const int64_t need = pattern_->num_levels(max_context_);
+  if (!(opt.gamma > 0.0 && opt.gamma <= 1.0)) badstep("gamma = " + std::to_string(opt.gamma) + "; expected 0 < gamma <= 1");
+  if (opt.scale >= 0 && !std::isfinite(opt.scale)) badstep("scale is not finite");
+  if (q.device() != kA_.device() || v.device() != kA_.device() || kk.device() != kA_.device())
+    badstep("q, k, v must be on the cache's device " + kA_.device().str());
+  for (const Tensor* t : {&opt.bias, &opt.gate_weight})
+    if (t->defined() && (t->scalar_type() != kA_.scalar_type() || t->device() != kA_.device()))
+      badstep("bias and gate_weight must have the cache's dtype and device");
+  check_finite(opt.bias, "bias");
+  if (gate) check_finite(opt.gate_weight, "gate_weight");
+  if (gate && opt.bias.defined() && opt.gate_weight.defined() && opt.bias.size(-1) != opt.gate_weight.size(1))
+    badstep("bias has " + std::to_string(opt.bias.size(-1)) + " levels and gate_weight " + std::to_string(opt.gate_weight.size(1)) +
+            "; expected the same");
   int64_t levels = 0;
   if (opt.bias.defined()) {
     if (opt.bias.dim() != 2 || opt.bias.size(0) != H_ || opt.bias.size(1) < need)

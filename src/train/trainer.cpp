@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iomanip>
+#include <limits>
 #include <map>
 #include <random>
 #include <sstream>
@@ -386,7 +387,13 @@ TrainResult train(const TrainOptions& o, bool resume, std::ostream* log, int64_t
       throw std::runtime_error("training loss is " + std::to_string(lv) + " at step " + std::to_string(step) +
                                "; stopping (the last checkpoint is intact). Lower the learning rate or enable grad_clip.");
     loss.backward();
-    if (o.grad_clip > 0) torch::nn::utils::clip_grad_norm_(model->parameters(), o.grad_clip);
+    // the norm is computed either way: a non-finite gradient stops the run before it can reach
+    // the weights (and so the next checkpoint)
+    const double gnorm = torch::nn::utils::clip_grad_norm_(model->parameters(),
+                                                           o.grad_clip > 0 ? o.grad_clip : std::numeric_limits<double>::infinity());
+    if (!std::isfinite(gnorm))
+      throw std::runtime_error("gradient norm is " + std::to_string(gnorm) + " at step " + std::to_string(step) +
+                               "; stopping before the update (the last checkpoint is intact)");
     opt.step();
     tokens += b.input.numel();
     loss_avg += lv;

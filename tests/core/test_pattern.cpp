@@ -54,7 +54,7 @@ TEST(Pattern, ParsesEveryInstanceOfTheSpec) {
 
 TEST(Pattern, BadSpecsListTheAcceptedForms) {
   for (std::string s : {"", "attn", "local:", "local:0", "local:-3", "recurrence:x", "f:", "f:3,2", "f:0,1,2", "f:1,1",
-                        "f:k", "f:k^2", "C=pow2", "A=pow2;A=dense", "B=attention", "pow2-lattice-lattice", "f:2^k+"}) {
+                        "f:k", "f:k^2", "C=pow2", "A=pow2;A=dense", "B=attention", "pow2-lattice-lattice", "f:2^k+", "f:1,2-5", "f:1 4", "f:-"}) {
     try {
       Pattern::parse(s);
       ADD_FAILURE() << "accepted bad spec '" << s << "'";
@@ -222,6 +222,7 @@ TEST(Pattern, CacheSizes) {
   EXPECT_EQ(Pattern::parse("pow2").cache_entries(4096), 2048);
   EXPECT_EQ(Pattern::parse("pow2-lattice").cache_entries(20000), 15);
   EXPECT_EQ(Pattern::parse("sq1-lattice").cache_entries(20000), 103);
+  EXPECT_EQ(Pattern::parse("sq1-lattice").max_row_size(20000), 104);  // merged levels counted once, + {i}
   EXPECT_LE(Pattern::parse("pow2-lattice").cache_entries(65536), 17);
   EXPECT_EQ(Pattern::parse("A=local:8;B=pow2-lattice").cache_A(100), 7);
 }
