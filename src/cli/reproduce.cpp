@@ -117,14 +117,8 @@ void run_table1(const std::string& preset_name, const std::string& out, std::vec
       nlohmann::json tj = {{"model", model},        {"task", p.tasks[t]}, {"batch_size", p.batch}, {"steps", p.steps},
                            {"eval_every", p.steps}, {"eval_batches", 8},  {"log_every", p.steps},
                            {"out", (dir / (ss[i].mixer["type"].get<std::string>() + "-" + std::to_string(t))).string()}};
-      train::TrainOptions o = train::TrainOptions::from_json(tj, "table1");
-      train::TrainResult best;
-      bool have = false;
-      for (double lr : p.lrs) {
-        o.lr = lr;
-        auto r = train::train(o, false, verbose ? &std::cerr : nullptr);
-        if (!have || r.eval.accuracy > best.eval.accuracy) best = r, have = true;
-      }
+      const train::TrainOptions o = train::TrainOptions::from_json(tj, "table1");
+      const train::TrainResult best = train::train_sweep(o, p.lrs, false, verbose ? &std::cerr : nullptr);
       ours[i][t] = 100 * best.eval.accuracy;
       ++done;
       const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -16,39 +16,6 @@ namespace tokmix::cli {
 namespace {
 namespace fs = std::filesystem;
 
-std::string lr_name(double lr) {
-  std::ostringstream os;
-  os << lr;
-  return os.str();
-}
-
-// Runs one configuration per learning rate and keeps the best (eval accuracy, then loss), as
-// Zoology's sweeps do. The best run's directory is reported; every run keeps its own.
-train::TrainResult train_sweep(train::TrainOptions o, const std::vector<double>& lrs, bool resume, std::ostream* log) {
-  if (lrs.size() <= 1) {
-    if (!lrs.empty()) o.lr = lrs[0];
-    return train::train(o, resume, log);
-  }
-  train::TrainResult best;
-  bool have = false;
-  const std::string base = o.out;
-  for (double lr : lrs) {
-    train::TrainOptions r = o;
-    r.lr = lr;
-    if (!base.empty()) r.out = (fs::path(base) / ("lr_" + lr_name(lr))).string();
-    if (log) *log << "== lr " << lr << "\n";
-    auto res = train::train(r, resume, log);
-    if (log) *log << "   lr " << lr << ": eval accuracy " << 100 * res.eval.accuracy << "%, eval loss " << res.eval.loss << "\n";
-    if (!have || res.eval.accuracy > best.eval.accuracy ||
-        (res.eval.accuracy == best.eval.accuracy && res.eval.loss < best.eval.loss)) {
-      best = res;
-      have = true;
-    }
-  }
-  if (log) *log << "best: " << best.out << " (eval accuracy " << 100 * best.eval.accuracy << "%)\n";
-  return best;
-}
-
 CommandRegistrar reg_train([](CLI::App& app) {
   auto* cmd = app.add_subcommand("train", "Train a model on a synthetic task or a JSONL dataset (config: JSON, see configs/train)");
   struct Args {
@@ -85,7 +52,7 @@ CommandRegistrar reg_train([](CLI::App& app) {
     if (a->seed >= 0) o.seed = uint64_t(a->seed);
     if (!a->device.empty()) o.device = a->device;
     if (o.out.empty()) o.out = "runs/" + fs::path(a->config).stem().string();
-    auto r = train_sweep(o, a->lrs, a->resume, &std::cerr);
+    auto r = train::train_sweep(o, a->lrs, a->resume, &std::cerr);
     std::printf("trained %lld steps in %.1f s (%.0f tokens/s): final loss %.4f, eval loss %.4f, eval accuracy %.2f%%%s\nrun: %s\n",
                 (long long)r.steps, r.seconds, r.tokens_per_s, r.final_loss, r.eval.loss, 100 * r.eval.accuracy,
                 r.reached_target ? " (target reached)" : "", r.out.c_str());

@@ -461,4 +461,39 @@ TrainResult train(const TrainOptions& o, bool resume, std::ostream* log, int64_t
   return res;
 }
 
+namespace {
+std::string lr_name(double lr) {
+  std::ostringstream os;
+  os << lr;
+  return os.str();
+}
+
+}  // namespace
+
+TrainResult train_sweep(const TrainOptions& o_in, const std::vector<double>& lrs, bool resume, std::ostream* log) {
+  TrainOptions o = o_in;
+  if (lrs.size() <= 1) {
+    if (!lrs.empty()) o.lr = lrs[0];
+    return train(o, resume, log);
+  }
+  TrainResult best;
+  bool have = false;
+  const std::string base = o.out;
+  for (double lr : lrs) {
+    TrainOptions r = o;
+    r.lr = lr;
+    if (!base.empty()) r.out = (fs::path(base) / ("lr_" + lr_name(lr))).string();
+    if (log) *log << "== lr " << lr << "\n";
+    auto res = train(r, resume, log);
+    if (log) *log << "   lr " << lr << ": eval accuracy " << 100 * res.eval.accuracy << "%, eval loss " << res.eval.loss << "\n";
+    if (!have || res.eval.accuracy > best.eval.accuracy ||
+        (res.eval.accuracy == best.eval.accuracy && res.eval.loss < best.eval.loss)) {
+      best = res;
+      have = true;
+    }
+  }
+  if (log) *log << "best: " << best.out << " (eval accuracy " << 100 * best.eval.accuracy << "%)\n";
+  return best;
+}
+
 }  // namespace tokmix::train

@@ -147,3 +147,13 @@ TEST(Trainer, TrainsOnAJsonlDataset) {
   EXPECT_GT(r.eval.accuracy, 0.5) << "a per-token map should be learned";
   fs::remove_all(dir);
 }
+
+TEST(Trainer, LearningRateSweepKeepsTheBestRun) {
+  auto o = tiny(tmpdir("sweep"));
+  o.steps = 80;
+  auto best = train::train_sweep(o, {1e-6, 1e-2});
+  EXPECT_NE(best.out.find("lr_0.01"), std::string::npos) << best.out;
+  EXPECT_TRUE(fs::exists(fs::path(o.out) / "lr_1e-06" / "result.json"));
+  EXPECT_TRUE(fs::exists(fs::path(o.out) / "lr_0.01" / "result.json"));
+  fs::remove_all(o.out);
+}

@@ -73,6 +73,10 @@ nn::ModelConfig resolve_model_config(const TrainOptions& o);
 // call, as an interruption would. Progress goes to `log` (may be null).
 TrainResult train(const TrainOptions& o, bool resume = false, std::ostream* log = nullptr, int64_t stop_after = 0);
 
+// One run per learning rate, each in <out>/lr_<lr> (a single rate: <out> itself); returns the
+// best (eval accuracy, then eval loss), as Zoology's sweeps keep the best of several rates.
+TrainResult train_sweep(const TrainOptions& o, const std::vector<double>& lrs, bool resume = false, std::ostream* log = nullptr);
+
 // Evaluates a model on the held-out stream of a task (batches 0..batches-1 of seed ^ kEvalSeed)
 // or on a dataset.
 EvalResult evaluate(nn::LanguageModelImpl& model, const data::TaskSpec& task, int64_t batch_size, int64_t batches,
