@@ -45,9 +45,9 @@ struct PatternDesc {
   SideDesc A, B;
 };
 
-// Visits the entries of row i (0-indexed) of one side: fn(pos, level). Positions are
-// visited in decreasing order except for Lattice, where merged levels are emitted once
-// (lowest level). Returns the number of entries visited.
+// Visits the entries of row i (0-indexed) of one side: fn(pos, level), positions in
+// non-increasing order; on the lattice, levels that land on one position (always neighbours)
+// are emitted once, at the lowest level. Returns the number of entries visited.
 template <class Fn>
 TOKMIX_HD int64_t visit_side(const SideDesc& s, bool is_b, int64_t i, Fn&& fn) {
   int64_t n = 0;
@@ -60,7 +60,7 @@ TOKMIX_HD int64_t visit_side(const SideDesc& s, bool is_b, int64_t i, Fn&& fn) {
       break;
     case SupportKind::Window: {
       const int64_t d0 = is_b ? 1 : 0;
-      int64_t dmax = is_b ? i : i;  // furthest distance that stays >= position 0
+      int64_t dmax = i;  // furthest distance that stays >= position 0
       if (s.window > 0) {
         const int64_t wmax = is_b ? s.window : s.window - 1;
         if (wmax < dmax) dmax = wmax;

@@ -171,7 +171,7 @@ struct RowEntries {
 
 int64_t max_entries(const PatternDesc& pat, int64_t n) {
   // Upper bound of |SA(i)| + |SB(i)| over i < n, from the descriptor alone.
-  auto side = [&](const SideDesc& s, bool is_b) -> int64_t {
+  auto side = [&](const SideDesc& s) -> int64_t {
     switch (s.kind) {
       case SupportKind::Self: return 1;
       case SupportKind::Window: return s.window > 0 ? std::min<int64_t>(s.window, n) : n;
@@ -179,9 +179,8 @@ int64_t max_entries(const PatternDesc& pat, int64_t n) {
       case SupportKind::Lattice: return s.count;
       default: return 0;
     }
-    (void)is_b;
   };
-  return side(pat.A, false) + side(pat.B, true) + 1 + 16;  // + padding for whole-vector loops
+  return side(pat.A) + side(pat.B) + 1 + 16;  // + padding for whole-vector loops
 }
 
 // exp over an array. float: 2^x with a degree-7 polynomial (relative error ~1e-7, below the
