@@ -5,7 +5,7 @@ pkgs=(build-essential cmake ninja-build ccache pkg-config git
       libtorch-dev libopenblas0-openmp
       libgtest-dev libgmock-dev libbenchmark-dev
       libcli11-dev nlohmann-json3-dev libsentencepiece-dev
-      gnuplot-nox)
+      gnuplot-nox bible-kjv python3-torch python3-pytest)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
