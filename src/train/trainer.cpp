@@ -30,7 +30,7 @@ const std::vector<std::string> kKeys = {"comment",     "model",        "task",  
                                         "batch_size",  "steps",        "lr",           "weight_decay",  "warmup_steps",
                                         "min_lr_ratio", "grad_clip",   "eval_every",   "eval_batches",  "target_accuracy",
                                         "seed",        "out",          "checkpoint_every", "log_every", "device",
-                                        "bf16",        "threads"};
+                                        "bf16",        "threads",      "corpus",       "context"};
 
 std::string join(const std::vector<std::string>& v) {
   std::string s;
@@ -67,9 +67,19 @@ struct Source {
   bool synthetic = true;
   data::TaskSpec task;
   data::Dataset dataset;
+  std::shared_ptr<data::TokenFile> tokens;  // corpus runs: the training split
+  int64_t context = 0;
   std::map<int64_t, std::vector<int64_t>> perms;  // epoch -> row order
 
   data::Batch get(int64_t step, int64_t B, uint64_t seed) {
+    if (tokens) {
+      // row r of step s: a window at a position hashed from (seed, s, r)
+      Tensor win = torch::empty({B, context + 1}, torch::kInt64);
+      for (int64_t r = 0; r < B; ++r)
+        tokens->read(data::train_window_start(seed, step, r, tokens->size(), context), context + 1, win[r].data_ptr<int64_t>());
+      using torch::indexing::Slice;
+      return {win.index({Slice(), Slice(0, context)}).contiguous(), win.index({Slice(), Slice(1, context + 1)}).contiguous()};
+    }
     if (synthetic) return data::make_batch(task, B, seed, step);
     const int64_t n = dataset.size();
     std::vector<int64_t> rows;
@@ -90,9 +100,23 @@ struct Source {
   }
 };
 
-Source make_source(const TrainOptions& o) {
+int64_t corpus_context(const TrainOptions& o) {
+  if (o.context > 0) return o.context;
+  if (o.model.is_object() && o.model.contains("max_context") && o.model["max_context"].is_number_integer())
+    return o.model["max_context"].get<int64_t>();
+  return 512;
+}
+
+Source make_source(const TrainOptions& o, const data::CorpusInfo* corpus) {
   Source s;
-  if (!o.task.empty()) {
+  if (corpus) {
+    s.synthetic = false;
+    s.context = corpus_context(o);
+    s.tokens = std::make_shared<data::TokenFile>(corpus->path("train"), corpus->dtype, corpus->vocab_size);
+    if (s.tokens->size() <= s.context)
+      throw std::invalid_argument("corpus '" + corpus->dir + "': the training split has " + std::to_string(s.tokens->size()) +
+                                  " tokens, fewer than one window of context " + std::to_string(s.context) + " + 1");
+  } else if (!o.task.empty()) {
     s.task = data::parse_task_spec(o.task);
   } else {
     s.synthetic = false;
@@ -196,7 +220,31 @@ TrainOptions TrainOptions::from_json(const nlohmann::json& j, const std::string&
   if (j.contains("task")) o.task = get_str(j, "task", origin);
   if (j.contains("data")) o.data = get_str(j, "data", origin);
   if (j.contains("eval_data")) o.eval_data = get_str(j, "eval_data", origin);
-  if (o.task.empty() == o.data.empty()) fail(origin, "task", "or 'data': give exactly one of them");
+  if (j.contains("corpus")) {
+    o.corpus = j["corpus"];
+    if (o.corpus.is_string()) {
+      if (o.corpus.get<std::string>().empty()) fail(origin, "corpus", "is an empty path");
+    } else if (o.corpus.is_object()) {
+      static const std::vector<std::string> ck = {"sources", "tokenizer", "out", "val_every"};
+      for (auto it = o.corpus.begin(); it != o.corpus.end(); ++it)
+        if (std::find(ck.begin(), ck.end(), it.key()) == ck.end())
+          fail(origin, "corpus." + it.key(), "is not a known key; accepted: " + join(ck));
+      if (!o.corpus.contains("out") || !o.corpus["out"].is_string()) fail(origin, "corpus.out", "is required (the corpus directory)");
+      if (o.corpus.contains("sources") && !(o.corpus["sources"].is_array() && !o.corpus["sources"].empty()))
+        fail(origin, "corpus.sources", "must be a non-empty list of 'kjv', files or folders");
+      if (o.corpus.contains("tokenizer")) {
+        std::string why;
+        if (!o.corpus["tokenizer"].is_string() || !data::Tokenizer::spec_valid(o.corpus["tokenizer"].get<std::string>(), &why))
+          fail(origin, "corpus.tokenizer", why.empty() ? "must be a string: byte or bpe:N" : why);
+      }
+      if (o.corpus.contains("val_every")) get_int(o.corpus, "val_every", 2, 1 << 20, origin + ": corpus");
+    } else {
+      fail(origin, "corpus", "must be a corpus directory or an object {sources, tokenizer, out, val_every}");
+    }
+  }
+  if (j.contains("context")) o.context = get_int(j, "context", 1, int64_t(1) << 24, origin);
+  if (int(!o.task.empty()) + int(!o.data.empty()) + int(!o.corpus.is_null()) != 1)
+    fail(origin, "task", "or 'data' or 'corpus': give exactly one of them");
   if (!o.task.empty()) {
     try {
       data::parse_task_spec(o.task);
@@ -252,13 +300,20 @@ nlohmann::json TrainOptions::to_json() const {
   if (!task.empty()) j["task"] = task;
   if (!data.empty()) j["data"] = data;
   if (!eval_data.empty()) j["eval_data"] = eval_data;
+  if (!corpus.is_null()) j["corpus"] = corpus;
+  if (context > 0) j["context"] = context;
   return j;
 }
 
 nn::ModelConfig resolve_model_config(const TrainOptions& o) {
   nlohmann::json m = o.model;
   int64_t need_vocab = 0, need_T = 0;
-  if (!o.task.empty()) {
+  if (!o.corpus.is_null()) {
+    // the corpus must exist by now (train() builds it first); its vocabulary sizes the model
+    auto info = data::read_corpus_info(o.corpus.is_string() ? o.corpus.get<std::string>() : o.corpus["out"].get<std::string>());
+    need_vocab = info.vocab_size;
+    need_T = corpus_context(o);
+  } else if (!o.task.empty()) {
     auto spec = data::parse_task_spec(o.task);
     need_vocab = data::vocab_size(spec);
     need_T = spec.T;
@@ -303,18 +358,57 @@ EvalResult evaluate(nn::LanguageModelImpl& model, const data::Dataset& d, int64_
   return finish(tot);
 }
 
+data::CorpusInfo resolve_corpus(const TrainOptions& o, std::ostream* log) {
+  if (o.corpus.is_string()) return data::read_corpus_info(o.corpus.get<std::string>());
+  data::CorpusOptions co;
+  co.out = o.corpus.at("out").get<std::string>();
+  if (o.corpus.contains("sources")) co.sources = o.corpus["sources"].get<std::vector<std::string>>();
+  if (o.corpus.contains("tokenizer")) co.tokenizer = o.corpus["tokenizer"].get<std::string>();
+  if (o.corpus.contains("val_every")) co.val_every = o.corpus["val_every"].get<int64_t>();
+  co.threads = o.threads;
+  return data::build_corpus(co, log);
+}
+
+EvalResult evaluate(nn::LanguageModelImpl& model, const data::CorpusInfo& corpus, int64_t context, int64_t batch_size,
+                    int64_t max_windows) {
+  data::TokenFile val(corpus.path("val"), corpus.dtype, corpus.vocab_size);
+  const int64_t n = data::num_val_windows(val.size(), context, max_windows);
+  if (n == 0)
+    throw std::invalid_argument("corpus '" + corpus.dir + "': the validation split has " + std::to_string(val.size()) +
+                                " tokens, fewer than one window of context " + std::to_string(context) + " + 1");
+  Scored tot;
+  const auto dev = model.parameters().front().device();
+  using torch::indexing::Slice;
+  for (int64_t first = 0; first < n; first += batch_size) {
+    const int64_t B = std::min(batch_size, n - first);
+    Tensor win = torch::empty({B, context + 1}, torch::kInt64);
+    for (int64_t r = 0; r < B; ++r) val.read((first + r) * context, context + 1, win[r].data_ptr<int64_t>());
+    Scored s = score(model, {win.index({Slice(), Slice(0, context)}), win.index({Slice(), Slice(1, context + 1)})}, dev);
+    tot.loss_sum += s.loss_sum;
+    tot.correct += s.correct;
+    tot.supervised += s.supervised;
+  }
+  EvalResult r = finish(tot);
+  r.perplexity = std::exp(r.loss);
+  r.bits_per_byte = r.loss / std::log(2.0) * double(corpus.val_tokens) / double(std::max<int64_t>(1, corpus.val_bytes));
+  return r;
+}
+
 TrainResult train(const TrainOptions& o, bool resume, std::ostream* log, int64_t stop_after) {
   using Clock = std::chrono::steady_clock;
   set_threads(o.threads);
   if (o.device == "cuda" && !torch::cuda::is_available())
     throw std::invalid_argument("device 'cuda' requested but no CUDA device is available to this LibTorch");
   const torch::Device dev(o.device == "cuda" ? torch::kCUDA : torch::kCPU);
+  data::CorpusInfo corpus;
+  const bool lm = !o.corpus.is_null();
+  if (lm) corpus = resolve_corpus(o, log);
   const nn::ModelConfig cfg = resolve_model_config(o);
-  Source src = make_source(o);
+  Source src = make_source(o, lm ? &corpus : nullptr);
   data::Dataset eval_set;
-  const bool eval_on_file = !o.eval_data.empty() || !src.synthetic;
+  const bool eval_on_file = !lm && (!o.eval_data.empty() || !src.synthetic);
   if (!o.eval_data.empty()) eval_set = data::read_jsonl(o.eval_data);
-  else if (!src.synthetic) eval_set = src.dataset;  // no held-out file: report fit on the training data
+  else if (!src.synthetic && !lm) eval_set = src.dataset;  // no held-out file: report fit on the training data
 
   torch::manual_seed(o.seed);
   nn::LanguageModel model(cfg);
@@ -333,8 +427,9 @@ TrainResult train(const TrainOptions& o, bool resume, std::ostream* log, int64_t
   TrainResult res;
   res.out = o.out;
   const std::string ckpt = o.out.empty() ? "" : (fs::path(o.out) / "checkpoint").string();
-  nlohmann::json tokenizer = src.synthetic ? nlohmann::json{{"type", "synthetic"}, {"task", o.task}}
-                                           : nlohmann::json{{"type", "token-ids"}, {"data", o.data}};
+  nlohmann::json tokenizer = lm             ? corpus.tokenizer
+                             : src.synthetic ? nlohmann::json{{"type", "synthetic"}, {"task", o.task}}
+                                             : nlohmann::json{{"type", "token-ids"}, {"data", o.data}};
   int64_t start = 0;
   if (resume && !ckpt.empty() && fs::exists(fs::path(ckpt) / "checkpoint.json")) {
     auto info = nn::load_checkpoint(ckpt, *model, &opt);
@@ -348,7 +443,7 @@ TrainResult train(const TrainOptions& o, bool resume, std::ostream* log, int64_t
     jsonl.open(fs::path(o.out) / "metrics.jsonl", mode);
     const bool fresh_csv = start == 0 || !fs::exists(fs::path(o.out) / "metrics.csv");
     csv.open(fs::path(o.out) / "metrics.csv", fresh_csv ? std::ios::trunc : std::ios::app);
-    if (fresh_csv) csv << "step,lr,loss,tokens_per_s,eval_loss,eval_accuracy\n";
+    if (fresh_csv) csv << "step,lr,loss,tokens_per_s,eval_loss,eval_accuracy,eval_perplexity,eval_bits_per_byte\n";
     std::ofstream(fs::path(o.out) / "options.json") << o.to_json().dump(2) << "\n";
   }
   auto save = [&](int64_t step) {
@@ -356,7 +451,9 @@ TrainResult train(const TrainOptions& o, bool resume, std::ostream* log, int64_t
   };
   auto run_eval = [&]() {
     model->eval();
-    EvalResult e = eval_on_file ? evaluate(*model, eval_set, o.batch_size) : evaluate(*model, src.task, o.batch_size, o.eval_batches, o.seed);
+    EvalResult e = lm             ? evaluate(*model, corpus, src.context, o.batch_size, o.eval_batches * o.batch_size)
+                   : eval_on_file ? evaluate(*model, eval_set, o.batch_size)
+                                  : evaluate(*model, src.task, o.batch_size, o.eval_batches, o.seed);
     model->train();
     return e;
   };
@@ -414,7 +511,11 @@ TrainResult train(const TrainOptions& o, bool resume, std::ostream* log, int64_t
       const double eta = (o.steps - done) * secs / double(done - start);
       if (log) {
         *log << "step " << done << "/" << o.steps << " | loss " << std::fixed << std::setprecision(4) << loss_avg / loss_n;
-        if (evaluated) *log << " | eval loss " << e.loss << " acc " << std::setprecision(1) << 100 * e.accuracy << "%";
+        if (evaluated && lm)
+          *log << " | val loss " << e.loss << " ppl " << std::setprecision(2) << e.perplexity << " bpb " << std::setprecision(3)
+               << e.bits_per_byte;
+        else if (evaluated)
+          *log << " | eval loss " << e.loss << " acc " << std::setprecision(1) << 100 * e.accuracy << "%";
         *log << " | lr " << std::scientific << std::setprecision(2) << lr << std::fixed << " | " << si(tps) << " tok/s | ETA "
              << hms(eta) << "\n";
         log->flush();
@@ -424,12 +525,17 @@ TrainResult train(const TrainOptions& o, bool resume, std::ostream* log, int64_t
         if (evaluated) {
           r["eval_loss"] = e.loss;
           r["eval_accuracy"] = e.accuracy;
+          if (lm) {
+            r["eval_perplexity"] = e.perplexity;
+            r["eval_bits_per_byte"] = e.bits_per_byte;
+          }
         }
         jsonl << r.dump() << "\n";
         jsonl.flush();
         csv << done << "," << lr << "," << loss_avg / loss_n << "," << tps << ",";
-        if (evaluated) csv << e.loss << "," << e.accuracy;
-        else csv << ",";
+        if (evaluated) csv << e.loss << "," << e.accuracy << "," << (lm ? std::to_string(e.perplexity) : "") << ","
+                           << (lm ? std::to_string(e.bits_per_byte) : "");
+        else csv << ",,,";
         csv << "\n";
         csv.flush();
       }
@@ -456,6 +562,12 @@ TrainResult train(const TrainOptions& o, bool resume, std::ostream* log, int64_t
                         {"eval_accuracy", res.eval.accuracy}, {"best_accuracy", res.best_accuracy},
                         {"tokens_per_s", res.tokens_per_s}, {"seconds", res.seconds}, {"reached_target", res.reached_target},
                         {"model", cfg.to_json()},     {"parameters", model->num_parameters()}};
+    if (lm) {
+      r["eval_perplexity"] = res.eval.perplexity;
+      r["eval_bits_per_byte"] = res.eval.bits_per_byte;
+      r["corpus"] = corpus.dir;
+      r["context"] = src.context;
+    }
     std::ofstream(fs::path(o.out) / "result.json") << r.dump(2) << "\n";
   }
   return res;
@@ -486,8 +598,11 @@ TrainResult train_sweep(const TrainOptions& o_in, const std::vector<double>& lrs
     if (log) *log << "== lr " << lr << "\n";
     auto res = train(r, resume, log);
     if (log) *log << "   lr " << lr << ": eval accuracy " << 100 * res.eval.accuracy << "%, eval loss " << res.eval.loss << "\n";
-    if (!have || res.eval.accuracy > best.eval.accuracy ||
-        (res.eval.accuracy == best.eval.accuracy && res.eval.loss < best.eval.loss)) {
+    // language modeling keeps the lowest validation loss; tasks the highest accuracy
+    const bool better = res.eval.perplexity > 0 ? res.eval.loss < best.eval.loss
+                                                : (res.eval.accuracy > best.eval.accuracy ||
+                                                   (res.eval.accuracy == best.eval.accuracy && res.eval.loss < best.eval.loss));
+    if (!have || better) {
       best = res;
       have = true;
     }

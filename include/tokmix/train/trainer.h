@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "tokmix/data/corpus.h"
 #include "tokmix/data/tasks.h"
 #include "tokmix/nn/model.h"
 
@@ -21,6 +22,10 @@ struct TrainOptions {
   std::string task;             // synthetic task spec ("mqar:T=256,N=16"), or
   std::string data;             // a JSONL training file
   std::string eval_data;        // JSONL evaluation file (default: the task's held-out stream)
+  // or a text corpus (language modeling): the directory of one built by `tokmix corpus`, or,
+  // as an object {sources, tokenizer, out, val_every}, the options to build (or reuse) one
+  nlohmann::json corpus;
+  int64_t context = 0;          // corpus windows: tokens per sequence (0: the model's max_context, else 512)
   int64_t batch_size = 32;
   int64_t steps = 1000;
   double lr = 1e-3;
@@ -50,6 +55,10 @@ struct EvalResult {
   double loss = 0;
   double accuracy = 0;    // argmax == label over supervised positions
   int64_t supervised = 0;  // positions counted
+  // language modeling (corpus runs): exp(loss) and loss in bits per byte of text, comparable
+  // across tokenizers (the split's tokens / bytes ratio converts per-token to per-byte)
+  double perplexity = 0;
+  double bits_per_byte = 0;
 };
 
 struct TrainResult {
@@ -82,6 +91,11 @@ TrainResult train_sweep(const TrainOptions& o, const std::vector<double>& lrs, b
 EvalResult evaluate(nn::LanguageModelImpl& model, const data::TaskSpec& task, int64_t batch_size, int64_t batches,
                     uint64_t seed);
 EvalResult evaluate(nn::LanguageModelImpl& model, const data::Dataset& data, int64_t batch_size);
+// Validation windows of a corpus (consecutive, non-overlapping, at most max_windows; 0 = all).
+EvalResult evaluate(nn::LanguageModelImpl& model, const data::CorpusInfo& corpus, int64_t context, int64_t batch_size,
+                    int64_t max_windows);
+// The corpus a run trains on: built (or reused) from the options' object, or read from a directory.
+data::CorpusInfo resolve_corpus(const TrainOptions& o, std::ostream* log = nullptr);
 
 constexpr uint64_t kEvalSeed = 0x5eed0e7a1ULL;  // evaluation streams never meet training streams
 
