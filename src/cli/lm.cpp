@@ -238,7 +238,7 @@ struct DecodeSpeed {
 };
 DecodeSpeed decode_speed(nlohmann::json model, int64_t vocab, int64_t context, int64_t steps, const std::string& device) {
   model["vocab_size"] = vocab;
-  model["max_context"] = context + steps + 1;
+  model["max_context"] = context + steps + 8;  // prompt, warm-up and timed steps
   auto cfg = nn::ModelConfig::from_json(model, "decode bench");
   torch::manual_seed(1);
   nn::LanguageModel m(cfg);

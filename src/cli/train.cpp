@@ -62,25 +62,42 @@ CommandRegistrar reg_train([](CLI::App& app) {
 CommandRegistrar reg_eval([](CLI::App& app) {
   auto* cmd = app.add_subcommand("eval", "Evaluate a checkpoint on a task or a JSONL file: accuracy over supervised positions");
   struct Args {
-    std::string ckpt, data, task, json;
-    int64_t batches = 16, batch = 32, seed = 0;
+    std::string ckpt, data, task, json, corpus;
+    int64_t batches = 16, batch = 32, seed = 0, context = 0, windows = 0;
   };
   auto a = std::make_shared<Args>();
   cmd->add_option("--checkpoint", a->ckpt, "checkpoint directory")->required();
   auto* d = cmd->add_option("--data", a->data, "JSONL file of {input, labels}");
   auto* t = cmd->add_option("--task", a->task, "synthetic task spec");
-  d->excludes(t);
+  auto* c = cmd->add_option("--corpus", a->corpus, "corpus directory: perplexity and bits per byte on its validation split");
+  d->excludes(t)->excludes(c);
+  t->excludes(c);
+  cmd->add_option("--context", a->context, "corpus windows: tokens per window (default: the model's max_context)");
+  cmd->add_option("--windows", a->windows, "corpus: at most this many validation windows (0 = all)");
   cmd->add_option("--batches", a->batches, "batches of the task's held-out stream");
   cmd->add_option("--batch-size", a->batch, "batch size");
   cmd->add_option("--seed", a->seed, "seed of the held-out stream");
   cmd->add_option("--json", a->json, "write the result as JSON");
   cmd->callback([a] {
-    if (a->data.empty() == a->task.empty()) throw std::invalid_argument("give exactly one of --data or --task");
+    if (int(!a->data.empty()) + int(!a->task.empty()) + int(!a->corpus.empty()) != 1)
+      throw std::invalid_argument("give exactly one of --data, --task or --corpus");
     set_threads();
     auto [model, info] = nn::load_model(a->ckpt);
     model->eval();
     train::EvalResult r;
-    if (!a->task.empty()) {
+    if (!a->corpus.empty()) {
+      auto c = data::read_corpus_info(a->corpus);
+      if (c.vocab_size > info.config.vocab_size || c.tokenizer != info.tokenizer)
+        throw std::invalid_argument("corpus '" + a->corpus + "' was not tokenized with this checkpoint's tokenizer (vocabulary " +
+                                    std::to_string(c.vocab_size) + " vs " + std::to_string(info.config.vocab_size) + ")");
+      const int64_t ctx = a->context > 0 ? a->context : info.config.max_context;
+      if (ctx > info.config.max_context)
+        throw std::invalid_argument("--context " + std::to_string(ctx) + " exceeds the model's max_context " +
+                                    std::to_string(info.config.max_context));
+      r = train::evaluate(*model, c, ctx, a->batch, a->windows);
+      std::printf("perplexity %.4f, bits per byte %.4f, loss %.4f (%lld tokens)\n", r.perplexity, r.bits_per_byte, r.loss,
+                  (long long)r.supervised);
+    } else if (!a->task.empty()) {
       auto spec = data::parse_task_spec(a->task);
       if (data::vocab_size(spec) > info.config.vocab_size || spec.T > info.config.max_context)
         throw std::invalid_argument("task '" + a->task + "' needs vocabulary " + std::to_string(data::vocab_size(spec)) + " and context " +
@@ -90,12 +107,18 @@ CommandRegistrar reg_eval([](CLI::App& app) {
     } else {
       r = train::evaluate(*model, data::read_jsonl(a->data), a->batch);
     }
-    std::printf("accuracy %.4f (%lld supervised positions), loss %.4f\n", r.accuracy, (long long)r.supervised, r.loss);
+    if (a->corpus.empty())
+      std::printf("accuracy %.4f (%lld supervised positions), loss %.4f\n", r.accuracy, (long long)r.supervised, r.loss);
     if (!a->json.empty()) {
       nlohmann::json j = {{"checkpoint", a->ckpt}, {"accuracy", r.accuracy}, {"loss", r.loss}, {"supervised", r.supervised},
                           {"step", info.step}};
       if (!a->task.empty()) j["task"] = a->task;
-      else j["data"] = a->data;
+      else if (!a->data.empty()) j["data"] = a->data;
+      else {
+        j["corpus"] = a->corpus;
+        j["perplexity"] = r.perplexity;
+        j["bits_per_byte"] = r.bits_per_byte;
+      }
       std::ofstream(a->json) << j.dump(2) << "\n";
     }
   });

@@ -157,3 +157,111 @@ TEST(Trainer, LearningRateSweepKeepsTheBestRun) {
   EXPECT_TRUE(fs::exists(fs::path(o.out) / "lr_0.01" / "result.json"));
   fs::remove_all(o.out);
 }
+
+namespace {
+
+// A corpus whose next byte is mostly predictable: a model must beat the unigram entropy.
+std::string lm_corpus(const std::string& dir, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  static const char* lines[] = {"and the lord spake unto moses, saying,\n", "in the beginning was the word.\n",
+                                "and it came to pass in those days,\n", "blessed are the meek: for they shall inherit the earth.\n"};
+  std::string text;
+  while (text.size() < 120000) text += lines[rng() % 4];
+  fs::create_directories(dir);
+  std::ofstream(fs::path(dir) / "text.txt") << text;
+  return (fs::path(dir) / "text.txt").string();
+}
+
+train::TrainOptions lm_options(const std::string& out, const std::string& text) {
+  nlohmann::json j = {{"model", {{"d_model", 32}, {"n_layers", 1}, {"positions", "none"}, {"max_context", 64},
+                                 {"mixer", {{"type", "pow2-lattice"}, {"heads", 2}, {"conv", 3}}}}},
+                      {"corpus", {{"sources", {text}}, {"tokenizer", "byte"}, {"out", out + "/corpus"}, {"val_every", 5}}},
+                      {"context", 64},
+                      {"batch_size", 8},
+                      {"steps", 100},
+                      {"lr", 1e-2},
+                      {"eval_every", 30},
+                      {"eval_batches", 2},
+                      {"log_every", 10},
+                      {"out", out + "/run"},
+                      {"threads", 1}};
+  return train::TrainOptions::from_json(j, "test");
+}
+
+}  // namespace
+
+TEST(Trainer, LanguageModelOnACorpus) {
+  const auto dir = tmpdir("lm");
+  const auto text = lm_corpus(dir, std::random_device{}());
+  auto o = lm_options(dir, text);
+  auto corpus = train::resolve_corpus(o);
+  // untrained: about ln(256) nats per byte
+  {
+    torch::manual_seed(0);
+    nn::LanguageModel m(train::resolve_model_config(o));
+    auto e0 = train::evaluate(*m, corpus, 64, 8, 0);
+    EXPECT_NEAR(e0.loss, std::log(256.0), 0.5);
+  }
+  auto r = train::train(o);
+  EXPECT_EQ(r.steps, 100);
+  // byte-level: tokens are bytes, so bits per byte is loss / ln 2; perplexity is exp(loss)
+  EXPECT_NEAR(r.eval.bits_per_byte, r.eval.loss / std::log(2.0), 1e-9);
+  EXPECT_NEAR(r.eval.perplexity, std::exp(r.eval.loss), 1e-9);
+  // the model uses context: it beats the best context-free predictor (the text's unigram entropy)
+  std::ifstream tf(text);
+  std::string all((std::istreambuf_iterator<char>(tf)), std::istreambuf_iterator<char>());
+  std::vector<double> freq(256, 0);
+  for (unsigned char c : all) freq[c] += 1;
+  double unigram = 0;
+  for (double f : freq)
+    if (f > 0) unigram -= f / all.size() * std::log(f / all.size());
+  EXPECT_LT(r.eval.loss, 0.9 * unigram) << "unigram entropy " << unigram;
+  // the checkpoint carries the byte tokenizer
+  auto info = nn::read_checkpoint_info(o.out + "/checkpoint");
+  EXPECT_EQ(info.tokenizer["type"], "byte");
+  // metrics hold the language-model columns
+  std::ifstream csv(fs::path(o.out) / "metrics.csv");
+  std::string header;
+  std::getline(csv, header);
+  EXPECT_NE(header.find("eval_bits_per_byte"), std::string::npos);
+  fs::remove_all(dir);
+}
+
+TEST(Trainer, LanguageModelResumeIsExact) {
+  const auto dir = tmpdir("lm-resume");
+  const auto text = lm_corpus(dir, 11);
+  auto a = lm_options(dir + "/a", text);
+  auto b = lm_options(dir + "/b", text);
+  a.steps = b.steps = 24;
+  train::train(a);
+  train::train(b, false, nullptr, /*stop_after=*/9);
+  train::train(b, /*resume=*/true);
+  auto [ma, ia] = nn::load_model(a.out + "/checkpoint");
+  auto [mb, ib] = nn::load_model(b.out + "/checkpoint");
+  EXPECT_EQ(ia.step, ib.step);
+  auto pb = mb->named_parameters();
+  for (auto& p : ma->named_parameters()) EXPECT_TRUE(torch::equal(p.value(), pb[p.key()])) << p.key();
+  fs::remove_all(dir);
+}
+
+TEST(Trainer, LanguageModelConfigErrors) {
+  auto base = lm_options("/tmp/unused", "/tmp/unused.txt");
+  nlohmann::json j = base.to_json();
+  j["task"] = "copy:T=24,L=6,V=12";
+  EXPECT_THROW(train::TrainOptions::from_json(j, "t"), std::invalid_argument);
+  j = base.to_json();
+  j["corpus"]["tokenizer"] = "bpe:5";
+  try {
+    train::TrainOptions::from_json(j, "t");
+    FAIL() << "expected an error";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("corpus.tokenizer"), std::string::npos) << e.what();
+  }
+  j = base.to_json();
+  j["corpus"]["shuffle"] = true;
+  EXPECT_THROW(train::TrainOptions::from_json(j, "t"), std::invalid_argument);
+  j = base.to_json();
+  j["corpus"] = "/no/such/corpus";
+  auto o = train::TrainOptions::from_json(j, "t");
+  EXPECT_THROW(train::train(o), std::invalid_argument);
+}
