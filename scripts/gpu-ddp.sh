@@ -9,6 +9,8 @@
 #   scripts/gpu-ddp.sh
 # Settings (environment): STEPS (120), D_MODEL (512), LAYERS (8), T (512), BATCH (32 per GPU),
 # MIXER (pow2; any mixer type of docs/model.md), BF16 (true), FAILURE_TEST (1).
+# A smoke test of the script itself on CPU (Gloo): TOKMIX_BIN=build/tokmix DEVICE=cpu PY=/usr/bin/python3
+# (skips the GPU checks and the build).
 # Logs go to $OUT (the device tool brings that folder back), else build-gpu/out.
 # Header-only dependencies the GPU image may lack (nlohmann_json, CLI11) travel in build-deps/
 # (fill it here with scripts/gpu-deps.sh and carry it).
@@ -20,7 +22,10 @@ exec > >(tee "$OUT/gpu-ddp.log") 2>&1
 export NCCL_NVLS_ENABLE=0  # NVLink multicast off
 STEPS=${STEPS:-120} D_MODEL=${D_MODEL:-512} LAYERS=${LAYERS:-8} T=${T:-512} BATCH=${BATCH:-32}
 MIXER=${MIXER:-pow2} BF16=${BF16:-true} FAILURE_TEST=${FAILURE_TEST:-1}
+DEVICE=${DEVICE:-cuda} PY=${PY:-python3}
+python3() { "$PY" "$@"; }
 
+if [ -z "${TOKMIX_BIN:-}" ]; then
 echo "tokmix $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
 nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv || true
 nvidia-smi topo -m || true
@@ -56,6 +61,9 @@ grep "tokmix distributed backends" "$OUT/configure.log" || true
 time cmake --build build-gpu -j"$(nproc)" --target tokmix_cli >"$OUT/build.log" 2>&1 ||
   { grep -B2 -A8 -m5 "error" "$OUT/build.log"; tail -20 "$OUT/build.log"; exit 1; }
 TOKMIX=$PWD/build-gpu/tokmix
+else
+  TOKMIX=$(realpath "$TOKMIX_BIN")
+fi
 RUNS=$PWD/build-gpu/runs  # checkpoints stay here; metrics and results are copied to $OUT
 rm -rf "$RUNS"
 mkdir -p "$RUNS"
@@ -64,7 +72,7 @@ mkdir -p "$RUNS"
 cat >"$RUNS/check.json" <<EOF
 {"model": {"d_model": 64, "n_layers": 2, "positions": "none", "mixer": {"type": "$MIXER", "heads": 4}},
  "task": "copy:T=64,L=16,V=32", "batch_size": 16, "steps": 20, "lr": 3e-3, "eval_every": 10, "eval_batches": 2,
- "log_every": 5, "seed": 1, "device": "cuda", "bf16": false}
+ "log_every": 5, "seed": 1, "device": "$DEVICE", "bf16": false}
 EOF
 "$TOKMIX" train --config "$RUNS/check.json" --out "$RUNS/check-1" >"$OUT/check-1.log" 2>&1 || { tail -20 "$OUT/check-1.log"; exit 1; }
 "$TOKMIX" launch --nproc 2 --master-port 0 -- "$TOKMIX" train --config "$RUNS/check.json" --out "$RUNS/check-2" \
@@ -94,8 +102,8 @@ EOF
 cat >"$RUNS/speed.json" <<EOF
 {"comment": "data-parallel throughput: LM-sized backbone on MQAR",
  "model": {"d_model": $D_MODEL, "n_layers": $LAYERS, "positions": "none", "mixer": {"type": "$MIXER", "heads": 8}},
- "task": "mqar:T=$T,N=64,V=8192", "batch_size": $BATCH, "steps": $STEPS, "lr": 1e-3, "eval_every": 0, "eval_batches": 1,
- "log_every": 10, "seed": 0, "device": "cuda", "bf16": $BF16}
+ "task": "mqar:T=$T,N=$((T / 8)),V=8192", "batch_size": $BATCH, "steps": $STEPS, "lr": 1e-3, "eval_every": 0, "eval_batches": 1,
+ "log_every": 10, "seed": 0, "device": "$DEVICE", "bf16": $BF16}
 EOF
 # steady state: tokens between the metrics rows of step 20 and of the last step before the final
 # evaluation, over the seconds between them (start-up, NCCL set-up and evaluation left out)
