@@ -137,6 +137,13 @@ nlohmann::json result(const std::string& run) { return nlohmann::json::parse(slu
 
 const std::string kExe = TOKMIX_EXE;
 
+bool have_gloo() {
+  auto b = dist::available_backends();
+  return std::find(b.begin(), b.end(), "gloo") != b.end();
+}
+#define NEEDS_GLOO() \
+  if (!have_gloo()) GTEST_SKIP() << "no Gloo in this build (Debian: libgloo-dev)"
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
@@ -196,7 +203,7 @@ struct Net {
 }  // namespace
 
 TEST(GradientAverager, BucketsAreAllReducedDuringBackwardAndGradientsAreKept) {
-  if (dist::available_backends().empty() || dist::available_backends().front() != "gloo") GTEST_SKIP() << "no Gloo in this build";
+  NEEDS_GLOO();
   dist::ProcessGroup group(solo_env(), "gloo", std::chrono::seconds(10));
   Net net;
   torch::Tensor x = torch::randn({6, 5});
@@ -228,7 +235,7 @@ TEST(GradientAverager, BucketsAreAllReducedDuringBackwardAndGradientsAreKept) {
 }
 
 TEST(GradientAverager, LaunchesEarlyInBucketOrder) {
-  if (dist::available_backends().empty() || dist::available_backends().front() != "gloo") GTEST_SKIP() << "no Gloo in this build";
+  NEEDS_GLOO();
   dist::ProcessGroup group(solo_env(), "gloo", std::chrono::seconds(10));
   Net net;
   std::vector<torch::Tensor> used(net.params.begin(), net.params.begin() + 3);
@@ -250,7 +257,7 @@ TEST(GradientAverager, LaunchesEarlyInBucketOrder) {
 }
 
 TEST(GradientAverager, RejectsBadArguments) {
-  if (dist::available_backends().empty() || dist::available_backends().front() != "gloo") GTEST_SKIP() << "no Gloo in this build";
+  NEEDS_GLOO();
   dist::ProcessGroup group(solo_env(), "gloo", std::chrono::seconds(10));
   EXPECT_THROW(dist::GradientAverager(group, {torch::zeros({3})}, 1024), std::invalid_argument);  // nothing requires grad
   EXPECT_THROW(dist::GradientAverager(group, {torch::zeros({3}, torch::requires_grad())}, 0), std::invalid_argument);
@@ -266,6 +273,7 @@ TEST(GradientAverager, RejectsBadArguments) {
 // Jobs of the tokmix executable
 
 TEST(DistTrain, TwoRanksGiveTheWeightsOfOneProcessWithTheGlobalBatch) {
+  NEEDS_GLOO();
   const std::string dir = tmpdir("same");
   const std::string cfg = write_config(dir);
   const std::string one = dir + "/one", two = dir + "/two";
@@ -307,6 +315,7 @@ TEST(DistTrain, TwoRanksGiveTheWeightsOfOneProcessWithTheGlobalBatch) {
 }
 
 TEST(DistTrain, UnevenSupervisionAndPaddingStillMatchOneProcess) {
+  NEEDS_GLOO();
   // sequences of different lengths with few supervised positions: each rank's share of the
   // global batch's supervised positions differs from step to step
   const std::string dir = tmpdir("uneven");
@@ -344,6 +353,7 @@ TEST(DistTrain, UnevenSupervisionAndPaddingStillMatchOneProcess) {
 }
 
 TEST(DistTrain, KilledRankStopsTheOtherAndTheCheckpointResumesWithOneProcess) {
+  NEEDS_GLOO();
   const std::string dir = tmpdir("kill");
   const std::string cfg = write_config(dir, {{"steps", 200}, {"checkpoint_every", 5}, {"eval_every", 0}});
   const std::string out = dir + "/run";
@@ -402,6 +412,7 @@ TEST(DistTrain, KilledRankStopsTheOtherAndTheCheckpointResumesWithOneProcess) {
 }
 
 TEST(DistTrain, StalledRankTimesOut) {
+  NEEDS_GLOO();
   const std::string dir = tmpdir("stall");
   const std::string cfg = write_config(dir, {{"steps", 100000}, {"eval_every", 0}});
   const std::string port = std::to_string(dist::free_port());
