@@ -2,7 +2,7 @@
 # Installs what tokmix needs on Debian (bookworm), quietly and only what is missing.
 set -euo pipefail
 pkgs=(build-essential cmake ninja-build ccache pkg-config git
-      libtorch-dev libopenblas0-openmp
+      libtorch-dev libgloo-dev libopenblas0-openmp
       libgtest-dev libgmock-dev libbenchmark-dev
       libcli11-dev nlohmann-json3-dev libsentencepiece-dev
       gnuplot-nox bible-kjv python3-torch python3-pytest)

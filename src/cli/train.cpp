@@ -23,7 +23,9 @@ CommandRegistrar reg_train([](CLI::App& app) {
     std::vector<double> lrs;
     int64_t steps = 0, batch = 0;
     int64_t seed = -1;
-    bool resume = false;
+    bool resume = false, distributed = false;
+    double dist_timeout = 0, bucket_mb = 0;
+    int threads = -1;
   };
   auto a = std::make_shared<Args>();
   cmd->add_option("--config", a->config, "train config (JSON)")->required()->check(CLI::ExistingFile);
@@ -36,6 +38,14 @@ CommandRegistrar reg_train([](CLI::App& app) {
   cmd->add_option("--seed", a->seed, "override the seed");
   cmd->add_option("--device", a->device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
   cmd->add_flag("--resume", a->resume, "continue from <out>/checkpoint when it exists");
+  cmd->add_option("--threads", a->threads, "override CPU threads (0: all cores, or cores / local processes when distributed)")
+      ->check(CLI::Range(0, 4096));
+  cmd->add_flag("--distributed", a->distributed,
+                "data parallel, one process per device (start with `tokmix launch --nproc N -- tokmix train ...`); "
+                "--batch-size is per process. See docs/distributed.md");
+  cmd->add_option("--dist-timeout", a->dist_timeout, "seconds a rank waits for the others before stopping with an error (default 300)")
+      ->check(CLI::Range(0.1, 1e6));
+  cmd->add_option("--bucket-mb", a->bucket_mb, "gradient all-reduce bucket size in MB (default 25)")->check(CLI::Range(1e-6, 1e4));
   cmd->callback([a] {
     auto o = train::TrainOptions::load(a->config);
     if (a->steps > 0) o.steps = a->steps;
@@ -51,10 +61,16 @@ CommandRegistrar reg_train([](CLI::App& app) {
     }
     if (a->seed >= 0) o.seed = uint64_t(a->seed);
     if (!a->device.empty()) o.device = a->device;
+    if (a->threads >= 0) o.threads = a->threads;
+    if (a->distributed) o.distributed = true;
+    if (a->dist_timeout > 0) o.dist_timeout = a->dist_timeout;
+    if (a->bucket_mb > 0) o.bucket_mb = a->bucket_mb;
     if (o.out.empty()) o.out = "runs/" + fs::path(a->config).stem().string();
     auto r = train::train_sweep(o, a->lrs, a->resume, &std::cerr);
-    std::printf("trained %lld steps in %.1f s (%.0f tokens/s): final loss %.4f, eval loss %.4f, eval accuracy %.2f%%%s\nrun: %s\n",
-                (long long)r.steps, r.seconds, r.tokens_per_s, r.final_loss, r.eval.loss, 100 * r.eval.accuracy,
+    if (r.rank != 0) return;  // rank 0 reports for the job
+    std::printf("trained %lld steps in %.1f s (%.0f tokens/s%s): final loss %.4f, eval loss %.4f, eval accuracy %.2f%%%s\nrun: %s\n",
+                (long long)r.steps, r.seconds, r.tokens_per_s,
+                r.world_size > 1 ? (", " + std::to_string(r.world_size) + " processes").c_str() : "", r.final_loss, r.eval.loss, 100 * r.eval.accuracy,
                 r.reached_target ? " (target reached)" : "", r.out.c_str());
   });
 });

@@ -15,6 +15,7 @@
 
 #include "tokmix/mix.h"
 #include "tokmix/nn/checkpoint.h"
+#include "tokmix/train/distributed.h"
 
 namespace tokmix::train {
 namespace fs = std::filesystem;
@@ -30,7 +31,8 @@ const std::vector<std::string> kKeys = {"comment",     "model",        "task",  
                                         "batch_size",  "steps",        "lr",           "weight_decay",  "warmup_steps",
                                         "min_lr_ratio", "grad_clip",   "eval_every",   "eval_batches",  "target_accuracy",
                                         "seed",        "out",          "checkpoint_every", "log_every", "device",
-                                        "bf16",        "threads",      "corpus",       "context"};
+                                        "bf16",        "threads",      "distributed",  "dist_timeout", "bucket_mb",
+                                        "corpus",      "context"};
 
 std::string join(const std::vector<std::string>& v) {
   std::string s;
@@ -275,6 +277,12 @@ TrainOptions TrainOptions::from_json(const nlohmann::json& j, const std::string&
     o.bf16 = j["bf16"].get<bool>();
   }
   if (j.contains("threads")) o.threads = int(get_int(j, "threads", 0, 4096, origin));
+  if (j.contains("distributed")) {
+    if (!j["distributed"].is_boolean()) fail(origin, "distributed", "must be true or false");
+    o.distributed = j["distributed"].get<bool>();
+  }
+  if (j.contains("dist_timeout")) o.dist_timeout = get_num(j, "dist_timeout", 0.1, 1e6, origin);
+  if (j.contains("bucket_mb")) o.bucket_mb = get_num(j, "bucket_mb", 1e-6, 1e4, origin);
   return o;
 }
 
@@ -296,7 +304,8 @@ nlohmann::json TrainOptions::to_json() const {
                       {"min_lr_ratio", min_lr_ratio}, {"grad_clip", grad_clip}, {"eval_every", eval_every},
                       {"eval_batches", eval_batches}, {"target_accuracy", target_accuracy}, {"seed", seed},
                       {"out", out},              {"checkpoint_every", checkpoint_every}, {"log_every", log_every},
-                      {"device", device},        {"bf16", bf16},                {"threads", threads}};
+                      {"device", device},        {"bf16", bf16},                {"threads", threads},
+                      {"distributed", distributed}, {"dist_timeout", dist_timeout}, {"bucket_mb", bucket_mb}};
   if (!task.empty()) j["task"] = task;
   if (!data.empty()) j["data"] = data;
   if (!eval_data.empty()) j["eval_data"] = eval_data;
@@ -334,11 +343,12 @@ nn::ModelConfig resolve_model_config(const TrainOptions& o) {
   return cfg;
 }
 
-EvalResult evaluate(nn::LanguageModelImpl& model, const data::TaskSpec& task, int64_t batch_size, int64_t batches, uint64_t seed) {
+EvalResult evaluate(nn::LanguageModelImpl& model, const data::TaskSpec& task, int64_t batch_size, int64_t batches, uint64_t seed,
+                    int part, int parts) {
   Scored tot;
   const auto dev = model.parameters().front().device();
   for (int64_t b = 0; b < batches; ++b) {
-    Scored s = score(model, data::make_batch(task, batch_size, seed ^ kEvalSeed, b), dev);
+    Scored s = score(model, data::make_batch(task, batch_size, seed ^ kEvalSeed, b * parts + part), dev);
     tot.loss_sum += s.loss_sum;
     tot.correct += s.correct;
     tot.supervised += s.supervised;
@@ -346,10 +356,10 @@ EvalResult evaluate(nn::LanguageModelImpl& model, const data::TaskSpec& task, in
   return finish(tot);
 }
 
-EvalResult evaluate(nn::LanguageModelImpl& model, const data::Dataset& d, int64_t batch_size) {
+EvalResult evaluate(nn::LanguageModelImpl& model, const data::Dataset& d, int64_t batch_size, int part, int parts) {
   Scored tot;
   const auto dev = model.parameters().front().device();
-  for (int64_t first = 0; first < d.size(); first += batch_size) {
+  for (int64_t first = part * batch_size; first < d.size(); first += batch_size * parts) {
     Scored s = score(model, d.batch(first, std::min(batch_size, d.size() - first)), dev);
     tot.loss_sum += s.loss_sum;
     tot.correct += s.correct;
@@ -369,8 +379,13 @@ data::CorpusInfo resolve_corpus(const TrainOptions& o, std::ostream* log) {
   return data::build_corpus(co, log);
 }
 
+void set_lm_metrics(EvalResult& r, const data::CorpusInfo& corpus) {
+  r.perplexity = std::exp(r.loss);
+  r.bits_per_byte = r.loss / std::log(2.0) * double(corpus.val_tokens) / double(std::max<int64_t>(1, corpus.val_bytes));
+}
+
 EvalResult evaluate(nn::LanguageModelImpl& model, const data::CorpusInfo& corpus, int64_t context, int64_t batch_size,
-                    int64_t max_windows) {
+                    int64_t max_windows, int part, int parts) {
   data::TokenFile val(corpus.path("val"), corpus.dtype, corpus.vocab_size);
   const int64_t n = data::num_val_windows(val.size(), context, max_windows);
   if (n == 0)
@@ -379,7 +394,7 @@ EvalResult evaluate(nn::LanguageModelImpl& model, const data::CorpusInfo& corpus
   Scored tot;
   const auto dev = model.parameters().front().device();
   using torch::indexing::Slice;
-  for (int64_t first = 0; first < n; first += batch_size) {
+  for (int64_t first = part * batch_size; first < n; first += batch_size * parts) {
     const int64_t B = std::min(batch_size, n - first);
     Tensor win = torch::empty({B, context + 1}, torch::kInt64);
     for (int64_t r = 0; r < B; ++r) val.read((first + r) * context, context + 1, win[r].data_ptr<int64_t>());
@@ -389,20 +404,29 @@ EvalResult evaluate(nn::LanguageModelImpl& model, const data::CorpusInfo& corpus
     tot.supervised += s.supervised;
   }
   EvalResult r = finish(tot);
-  r.perplexity = std::exp(r.loss);
-  r.bits_per_byte = r.loss / std::log(2.0) * double(corpus.val_tokens) / double(std::max<int64_t>(1, corpus.val_bytes));
+  set_lm_metrics(r, corpus);
   return r;
 }
 
 TrainResult train(const TrainOptions& o, bool resume, std::ostream* log, int64_t stop_after) {
   using Clock = std::chrono::steady_clock;
-  set_threads(o.threads);
   if (o.device == "cuda" && !torch::cuda::is_available())
     throw std::invalid_argument("device 'cuda' requested but no CUDA device is available to this LibTorch");
-  const torch::Device dev(o.device == "cuda" ? torch::kCUDA : torch::kCPU);
+  // distributed: rendezvous first; rank 0 alone writes files and logs (docs/distributed.md)
+  std::unique_ptr<dist::DataParallel> dp;
+  if (o.distributed) dp = std::make_unique<dist::DataParallel>(dist::DataParallel::Options{o.device, o.dist_timeout, o.bucket_mb});
+  const bool root = !dp || dp->is_root();
+  if (!root) log = nullptr;
+  set_threads(dp && o.threads == 0 ? dp->default_threads() : o.threads);
+  const torch::Device dev = dp ? dp->device() : torch::Device(o.device == "cuda" ? torch::kCUDA : torch::kCPU);
   data::CorpusInfo corpus;
   const bool lm = !o.corpus.is_null();
-  if (lm) corpus = resolve_corpus(o, log);
+  if (lm) {
+    // rank 0 builds (or checks) the corpus while the others wait, then everyone reads it
+    if (root) corpus = resolve_corpus(o, log);
+    if (dp) dp->barrier("barrier after building the corpus");
+    if (!root) corpus = resolve_corpus(o, nullptr);
+  }
   const nn::ModelConfig cfg = resolve_model_config(o);
   Source src = make_source(o, lm ? &corpus : nullptr);
   data::Dataset eval_set;
@@ -436,8 +460,9 @@ TrainResult train(const TrainOptions& o, bool resume, std::ostream* log, int64_t
     start = info.step;
     if (log) *log << "resumed from " << ckpt << " at step " << start << "\n";
   }
+  if (dp) dp->attach(*model, start);
   std::ofstream jsonl, csv;
-  if (!o.out.empty()) {
+  if (!o.out.empty() && root) {
     fs::create_directories(o.out);
     const auto mode = start > 0 ? std::ios::app : std::ios::trunc;
     jsonl.open(fs::path(o.out) / "metrics.jsonl", mode);
@@ -447,13 +472,17 @@ TrainResult train(const TrainOptions& o, bool resume, std::ostream* log, int64_t
     std::ofstream(fs::path(o.out) / "options.json") << o.to_json().dump(2) << "\n";
   }
   auto save = [&](int64_t step) {
-    if (!ckpt.empty()) nn::save_checkpoint(ckpt, *model, tokenizer, step, &opt);
+    if (!ckpt.empty() && root) nn::save_checkpoint(ckpt, *model, tokenizer, step, &opt);
+    if (dp) dp->barrier("barrier after the checkpoint of step " + std::to_string(step));
   };
   auto run_eval = [&]() {
     model->eval();
-    EvalResult e = lm             ? evaluate(*model, corpus, src.context, o.batch_size, o.eval_batches * o.batch_size)
-                   : eval_on_file ? evaluate(*model, eval_set, o.batch_size)
-                                  : evaluate(*model, src.task, o.batch_size, o.eval_batches, o.seed);
+    const int part = dp ? dp->rank() : 0, parts = dp ? dp->world_size() : 1;
+    EvalResult e = lm             ? evaluate(*model, corpus, src.context, o.batch_size, o.eval_batches * o.batch_size * parts, part, parts)
+                   : eval_on_file ? evaluate(*model, eval_set, o.batch_size, part, parts)
+                                  : evaluate(*model, src.task, o.batch_size, o.eval_batches, o.seed, part, parts);
+    if (dp) e = dp->reduce(e);
+    if (lm) set_lm_metrics(e, corpus);
     model->train();
     return e;
   };
@@ -464,7 +493,8 @@ TrainResult train(const TrainOptions& o, bool resume, std::ostream* log, int64_t
   int64_t loss_n = 0;
   int64_t step = start;
   for (; step < o.steps; ++step) {
-    data::Batch b = src.get(step, o.batch_size, o.seed);
+    // distributed: this rank's rows of the global batch of batch_size * world_size
+    data::Batch b = dp ? dp->shard(src.get(step, o.batch_size * dp->world_size(), o.seed)) : src.get(step, o.batch_size, o.seed);
     Tensor input = b.input.to(dev), labels = b.labels.to(dev);
     const double lr = lr_at(o, step);
     for (auto& g : opt.param_groups()) static_cast<torch::optim::AdamWOptions&>(g.options()).lr(lr);
@@ -477,13 +507,16 @@ TrainResult train(const TrainOptions& o, bool resume, std::ostream* log, int64_t
       if (autocast) cuda_autocast(false);
     }
     const int64_t V = logits.size(-1);
-    Tensor loss = torch::nn::functional::cross_entropy(logits.to(torch::kFloat32).reshape({-1, V}), labels.reshape({-1}),
-                                                       torch::nn::functional::CrossEntropyFuncOptions().ignore_index(data::kIgnore));
-    const double lv = loss.item<double>();
+    Tensor flat_logits = logits.to(torch::kFloat32).reshape({-1, V}), flat_labels = labels.reshape({-1});
+    Tensor loss = dp ? dp->loss(flat_logits, flat_labels)
+                     : torch::nn::functional::cross_entropy(flat_logits, flat_labels,
+                                                            torch::nn::functional::CrossEntropyFuncOptions().ignore_index(data::kIgnore));
+    double lv = loss.item<double>();
     if (!std::isfinite(lv))
       throw std::runtime_error("training loss is " + std::to_string(lv) + " at step " + std::to_string(step) +
                                "; stopping (the last checkpoint is intact). Lower the learning rate or enable grad_clip.");
     loss.backward();
+    if (dp) lv = dp->finish_backward(lv);  // gradients and loss averaged over the ranks
     // the norm is computed either way: a non-finite gradient stops the run before it can reach
     // the weights (and so the next checkpoint)
     const double gnorm = torch::nn::utils::clip_grad_norm_(model->parameters(),
@@ -492,7 +525,7 @@ TrainResult train(const TrainOptions& o, bool resume, std::ostream* log, int64_t
       throw std::runtime_error("gradient norm is " + std::to_string(gnorm) + " at step " + std::to_string(step) +
                                "; stopping before the update (the last checkpoint is intact)");
     opt.step();
-    tokens += b.input.numel();
+    tokens += b.input.numel() * (dp ? dp->world_size() : 1);
     loss_avg += lv;
     ++loss_n;
     res.final_loss = lv;
@@ -554,11 +587,13 @@ TrainResult train(const TrainOptions& o, bool resume, std::ostream* log, int64_t
     }
   }
   res.steps = step;
+  res.rank = dp ? dp->rank() : 0;
+  res.world_size = dp ? dp->world_size() : 1;
   save(step);
   res.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
   res.tokens_per_s = tokens / std::max(res.seconds, 1e-9);
-  if (!o.out.empty()) {
-    nlohmann::json r = {{"steps", res.steps},        {"final_loss", res.final_loss}, {"eval_loss", res.eval.loss},
+  if (!o.out.empty() && root) {
+    nlohmann::json r = {{"world_size", res.world_size}, {"steps", res.steps},        {"final_loss", res.final_loss}, {"eval_loss", res.eval.loss},
                         {"eval_accuracy", res.eval.accuracy}, {"best_accuracy", res.best_accuracy},
                         {"tokens_per_s", res.tokens_per_s}, {"seconds", res.seconds}, {"reached_target", res.reached_target},
                         {"model", cfg.to_json()},     {"parameters", model->num_parameters()}};
@@ -588,6 +623,9 @@ TrainResult train_sweep(const TrainOptions& o_in, const std::vector<double>& lrs
     if (!lrs.empty()) o.lr = lrs[0];
     return train(o, resume, log);
   }
+  if (o.distributed)
+    throw std::invalid_argument("a learning-rate sweep (" + std::to_string(lrs.size()) +
+                                " rates) cannot run distributed; start one distributed job per rate");
   TrainResult best;
   bool have = false;
   const std::string base = o.out;

@@ -42,7 +42,11 @@ struct TrainOptions {
   int64_t log_every = 10;
   std::string device = "cpu";   // "cpu" | "cuda"
   bool bf16 = false;            // autocast to bfloat16 (cuda)
-  int threads = 0;              // CPU threads, 0 = all cores
+  int threads = 0;              // CPU threads, 0 = all cores (distributed: cores / local processes)
+  bool distributed = false;     // one process per device, ranks from RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT;
+                                // batch_size is per process (docs/distributed.md)
+  double dist_timeout = 300;    // seconds a rank waits for the others before it stops with an error
+  double bucket_mb = 25;        // size of the gradient all-reduce buckets
 
   // Validates a config object: unknown keys, wrong types and impossible values are errors that
   // name the key and what is accepted. `origin` prefixes messages (a file name).
@@ -66,10 +70,11 @@ struct TrainResult {
   double final_loss = 0;    // training loss of the last step
   EvalResult eval;          // last evaluation
   double best_accuracy = 0;
-  double tokens_per_s = 0;  // training throughput of this process
+  double tokens_per_s = 0;  // training throughput (of all ranks together when distributed)
   double seconds = 0;
   bool reached_target = false;
   std::string out;
+  int rank = 0, world_size = 1;
 };
 
 // The model config a run uses: the options' model completed with the vocabulary and context
@@ -87,13 +92,17 @@ TrainResult train(const TrainOptions& o, bool resume = false, std::ostream* log 
 TrainResult train_sweep(const TrainOptions& o, const std::vector<double>& lrs, bool resume = false, std::ostream* log = nullptr);
 
 // Evaluates a model on the held-out stream of a task (batches 0..batches-1 of seed ^ kEvalSeed)
-// or on a dataset.
+// or on a dataset. With parts > 1, only part `part` of it: the rows a rank of a distributed run
+// with batch_size per rank scores (the parts together are the whole with batch_size * parts).
 EvalResult evaluate(nn::LanguageModelImpl& model, const data::TaskSpec& task, int64_t batch_size, int64_t batches,
-                    uint64_t seed);
-EvalResult evaluate(nn::LanguageModelImpl& model, const data::Dataset& data, int64_t batch_size);
-// Validation windows of a corpus (consecutive, non-overlapping, at most max_windows; 0 = all).
+                    uint64_t seed, int part = 0, int parts = 1);
+EvalResult evaluate(nn::LanguageModelImpl& model, const data::Dataset& data, int64_t batch_size, int part = 0, int parts = 1);
+// Validation windows of a corpus (consecutive, non-overlapping, at most max_windows; 0 = all);
+// with parts > 1, the windows first + k·batch_size·parts + part·batch_size of a rank.
 EvalResult evaluate(nn::LanguageModelImpl& model, const data::CorpusInfo& corpus, int64_t context, int64_t batch_size,
-                    int64_t max_windows);
+                    int64_t max_windows, int part = 0, int parts = 1);
+// Perplexity and bits per byte from an evaluation's loss per token on this corpus.
+void set_lm_metrics(EvalResult& e, const data::CorpusInfo& corpus);
 // The corpus a run trains on: built (or reused) from the options' object, or read from a directory.
 data::CorpusInfo resolve_corpus(const TrainOptions& o, std::ostream* log = nullptr);
 
