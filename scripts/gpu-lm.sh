@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Language modeling on the GPU machine, in one call: builds the tokmix executable (CUDA) unless
+# build-gpu/tokmix exists (scripts/gpu-ddp.sh builds the same one), then runs
+# `tokmix reproduce lm --preset gpu`, split over the GPUs present (one process per GPU, each its
+# own mixers), and a generation from one of the trained checkpoints.
+#   scripts/gpu-lm.sh            (carry: build-deps and data/kjv-bpe8192, built here with
+#                                 `tokmix corpus --source kjv --tokenizer bpe:8192 --out data/kjv-bpe8192`)
+# Settings (environment): STEPS (the preset's), ONLY (mixer types, comma-separated; default all).
+# Results go to $OUT (else build-gpu/out): lm-<gpu>/results.json, the logs and the curves.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/build-gpu/out}
+mkdir -p "$OUT"
+exec > >(tee "$OUT/gpu-lm.log") 2>&1
+nvidia-smi --query-gpu=index,name,memory.total --format=csv || true
+if [ ! -x build-gpu/tokmix ]; then
+  TORCH_PREFIX=$(python3 -c 'import torch; print(torch.utils.cmake_prefix_path)')
+  PREFIX="$TORCH_PREFIX"
+  [ -d build-deps ] && PREFIX="$PREFIX;$PWD/build-deps"
+  GEN=()
+  command -v ninja >/dev/null && GEN=(-G Ninja)
+  NVCC=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
+  cmake -S . -B build-gpu "${GEN[@]}" -DCMAKE_BUILD_TYPE=Release -DTOKMIX_CUDA=ON -DTOKMIX_TESTS=OFF -DTOKMIX_BENCH=OFF \
+    -DTOKMIX_NATIVE=OFF -DCMAKE_PREFIX_PATH="$PREFIX" -DCMAKE_CUDA_COMPILER="$NVCC" -DTOKMIX_GLOO=OFF >"$OUT/configure.log" 2>&1 ||
+    { tail -40 "$OUT/configure.log"; exit 1; }
+  time cmake --build build-gpu -j"$(nproc)" --target tokmix_cli >"$OUT/build.log" 2>&1 ||
+    { grep -B2 -A8 -m5 "error" "$OUT/build.log"; tail -20 "$OUT/build.log"; exit 1; }
+fi
+TOKMIX=$PWD/build-gpu/tokmix
+NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
+ALL=${ONLY:-attention,first-order,recurrence,pow2,sq1,pow2-lattice,sq1-lattice}
+IFS=, read -ra MIXERS <<<"$ALL"
+STEPS_ARG=()
+[ -n "${STEPS:-}" ] && STEPS_ARG=(--steps "$STEPS")
+pids=()
+for ((g = 0; g < NGPU; g++)); do
+  mine=()
+  for ((i = g; i < ${#MIXERS[@]}; i += NGPU)); do mine+=("${MIXERS[i]}"); done
+  [ ${#mine[@]} -gt 0 ] || continue
+  list=$(IFS=,; echo "${mine[*]}")
+  CUDA_VISIBLE_DEVICES=$g "$TOKMIX" reproduce lm --preset gpu --only "$list" "${STEPS_ARG[@]}" --out "$PWD/build-gpu/lm-$g" \
+    >"$OUT/lm-$g.log" 2>&1 &
+  pids+=($!)
+done
+rc=0
+for p in "${pids[@]}"; do wait "$p" || rc=1; done
+for ((g = 0; g < NGPU; g++)); do
+  [ -d build-gpu/lm-$g ] || continue
+  mkdir -p "$OUT/lm-$g"
+  cp build-gpu/lm-$g/results.json build-gpu/lm-$g/settings.json "$OUT/lm-$g/" 2>/dev/null || true
+  for d in build-gpu/lm-$g/*/; do [ -f "$d/metrics.csv" ] && cp "$d/metrics.csv" "$OUT/lm-$g/$(basename "$d").csv"; done
+  sed -n '/^Language modeling/,$p' "$OUT/lm-$g.log"
+done
+[ $rc = 0 ] || { echo "a reproduce process failed:"; tail -20 "$OUT"/lm-*.log; exit 1; }
+# generation through prefill and cached decoding on the GPU (token ids: the BPE decoder is a
+# CPU-side module this machine may lack)
+CK=$(ls -d build-gpu/lm-*/pow2-lattice/checkpoint 2>/dev/null | head -1 || true)
+[ -n "$CK" ] && "$TOKMIX" generate --checkpoint "$CK" --ids 1,2,3 --device cuda --max-tokens 256 --temperature 0.8 --quiet --json "$OUT/generate.json" 2>&1 | tail -2
+exit 0
