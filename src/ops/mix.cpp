@@ -154,12 +154,27 @@ Tensor to_heads(const Tensor& t, const char* name) {
     if (!finite) bad(std::string(name) + " contains NaN or Inf; expected finite values");
     return out;
   }
-  check_finite(t, name);
-  // the CUDA kernels read [B, T, H, D] as it is (a relayout would cost more than their forward)
+  // the CUDA kernels read [B, T, H, D] as it is (a relayout would cost more than their forward),
+  // and check finiteness while they read it (see finite_or_throw)
   if (t.is_cuda()) return t.contiguous();
+  check_finite(t, name);
   return t.transpose(1, 2).contiguous();
 }
 // The logical [B, T, H, D] view of a tensor in kernel layout.
+#ifdef TOKMIX_WITH_CUDA
+// After a CUDA kernel: its finiteness mask (bit per input, see kernels.h) or, when it checked
+// nothing (-1), a check of the inputs here. Each named input is checked, none is skipped.
+void finite_or_throw(int32_t flags, std::initializer_list<std::pair<const Tensor*, const char*>> ins) {
+  int bit = 0;
+  for (const auto& in : ins) {
+    if (flags < 0)
+      check_finite(*in.first, in.second);
+    else if (flags & (1 << bit))
+      bad(std::string(in.second) + " contains NaN or Inf; expected finite values");
+    ++bit;
+  }
+}
+#endif
 Tensor from_heads(const Tensor& th) { return th.is_cuda() ? th : th.transpose(1, 2); }
 kernels::Strides heads_strides(const Tensor& th) {  // th is [B, H, T, D] contiguous ([B, T, H, D] on CUDA)
   if (th.is_cuda()) return {th.stride(0), th.stride(1), th.stride(2)};
@@ -340,7 +355,9 @@ class MixFunction : public torch::autograd::Function<MixFunction> {
 #ifdef TOKMIX_WITH_CUDA
       kernels::CudaMix m = cuda_problem(pat, c, pb, qh);
       Tensor ws = torch::empty({kernels::mix_cuda_workspace_bytes(m, false)}, qh.options().dtype(torch::kUInt8));
-      kernels::mix_forward_cuda(m, cptr(qh), cptr(kh), cptr(vh), cptr(b), cptr(g), mptr(yh), lse.data_ptr<float>(), ws.data_ptr());
+      const int32_t flags =
+          kernels::mix_forward_cuda(m, cptr(qh), cptr(kh), cptr(vh), cptr(b), cptr(g), mptr(yh), lse.data_ptr<float>(), ws.data_ptr());
+      finite_or_throw(flags, {{&qh, "q"}, {&kh, "k"}, {&vh, "v"}});
       return;
 #else
       bad("this build has no CUDA backend (configure with -DTOKMIX_CUDA=ON)");
@@ -365,8 +382,11 @@ class MixFunction : public torch::autograd::Function<MixFunction> {
       kernels::CudaMix m = cuda_problem(pat, c, pb, qh);
       Tensor ws = torch::empty({kernels::mix_cuda_workspace_bytes(m, true)}, qh.options().dtype(torch::kUInt8));
       auto fptr = [](const Tensor& t) { return t.defined() && t.numel() > 0 ? t.data_ptr<float>() : nullptr; };
-      kernels::mix_backward_cuda(m, cptr(qh), cptr(kh), cptr(vh), cptr(b), cptr(g), cptr(yh), lse.data_ptr<float>(), cptr(dyh),
-                                 mptr(dq), mptr(dk), mptr(dv), fptr(dbias_u), fptr(dgate_u), ws.data_ptr());
+      const int32_t flags = kernels::mix_backward_cuda(m, cptr(qh), cptr(kh), cptr(vh), cptr(b), cptr(g), cptr(yh), lse.data_ptr<float>(),
+                                                       cptr(dyh), mptr(dq), mptr(dk), mptr(dv), fptr(dbias_u), fptr(dgate_u), ws.data_ptr());
+      // q, k, v were checked by the forward; dy is bit 3
+      const Tensor none;
+      finite_or_throw(flags < 0 ? flags : (flags & 8), {{&none, "q"}, {&none, "k"}, {&none, "v"}, {&dyh, "dy"}});
       return;
 #else
       bad("this build has no CUDA backend (configure with -DTOKMIX_CUDA=ON)");
