@@ -17,6 +17,7 @@
 //    each run and added with one atomic per run.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_pipeline.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -485,8 +486,9 @@ __global__ void __launch_bounds__(kRowWarps * 32)
     const T* qi = q + eoff(a.sq, sq, i, h);
     const bool softmax = a.mode == static_cast<int32_t>(Mode::Softmax);
     float mx = -INFINITY;
-    if (a.lpk) {
-      // lane groups: one row of k (or of the gate table) per group, 16 bytes per lane
+    if (a.lpk && a.pat.B.kind == SupportKind::Offsets) {
+      // lane groups: one row of k (or of the gate table) per group, 16 bytes per lane (offsets
+      // only: a lattice row has many merged levels, and resolving each once per lane costs more)
       const int lpe = a.lpk, epp = 32 / lpe, sub = lane & (lpe - 1), grp = lane / lpe;
       float qv[8];
       load8(qi + 8 * sub, qv);
@@ -586,14 +588,35 @@ __global__ void __launch_bounds__(kRowWarps * 32)
   // Column j of M = (I - B_cc)^{-1} depends only on column j: one thread per column, no barrier.
   if (threadIdx.x < kC) {
     const int j = threadIdx.x;
-    for (int t = 0; t < kC; ++t) {
-      float mval = t == j ? 1.f : 0.f;
-      if (t > j)
-        for (int kk = 0; kk < a.kin; ++kk) {
-          const int sl = tsrc[t * a.kin + kk];
-          if (sl >= j && sl < t) mval = fmaf(tp[t * a.kin + kk], Ms[sl * (kC + 1) + j], mval);
+    if (a.kin <= 8) {
+      // unrolled so that a row's loads go out together (pow2 has 6 in-chunk levels)
+      for (int t = 0; t < kC; ++t) {
+        float mval = t == j ? 1.f : 0.f;
+        if (t > j) {
+          float part[8];
+#pragma unroll
+          for (int kk = 0; kk < 8; ++kk) {
+            part[kk] = 0.f;
+            if (kk < a.kin) {
+              const int sl = tsrc[t * a.kin + kk];
+              if (sl >= j && sl < t) part[kk] = tp[t * a.kin + kk] * Ms[sl * (kC + 1) + j];
+            }
+          }
+#pragma unroll
+          for (int kk = 0; kk < 8; ++kk) mval += part[kk];
         }
-      Ms[t * (kC + 1) + j] = mval;
+        Ms[t * (kC + 1) + j] = mval;
+      }
+    } else {
+      for (int t = 0; t < kC; ++t) {
+        float mval = t == j ? 1.f : 0.f;
+        if (t > j)
+          for (int kk = 0; kk < a.kin; ++kk) {
+            const int sl = tsrc[t * a.kin + kk];
+            if (sl >= j && sl < t) mval = fmaf(tp[t * a.kin + kk], Ms[sl * (kC + 1) + j], mval);
+          }
+        Ms[t * (kC + 1) + j] = mval;
+      }
     }
   }
   __syncthreads();
@@ -702,15 +725,25 @@ __global__ void __launch_bounds__(kChainThreads)
 
 // Chain with 4 channels per thread (Dv % 4 == 0): thread (t, g) owns row t of the chunk and
 // channels 4 g .. 4 g + 3 of the block's slice of 4 kG, so that taps are 16-byte reads and the
-// 64 x 64 product runs 4 FMA per two shared loads. The block keeps the previous chunk's outputs
-// in shared memory (double-buffered): taps into chunk c - 1, the ones on the critical path of the
-// step, never wait for global memory; farther taps read the float32 outputs written by this
-// block at least one step (and one barrier) earlier. No atomics, two barriers per step.
+// 64 x 64 product runs 4 FMA per two shared loads. What a step needs from global memory is
+// fetched one step ahead: M of the next chunk by cp.async into the other half of a
+// double-buffered tile, and per row alpha, v, the first kPF levels' coefficients and sources and
+// the outputs they read that lie two or more chunks back. The previous chunk's outputs stay in
+// shared memory (double-buffered), so the step's critical path is shared memory, the product
+// and two barriers. Levels past kPF (long lattices) are read during the step.
+constexpr int kPF = 16;
+
+__device__ __forceinline__ void copy_tile_async(float (*dst)[kC + 4], const float* src, int tid, int nthreads) {
+  for (int idx = tid; idx < kC * kC / 4; idx += nthreads)
+    __pipeline_memcpy_async(&dst[idx / (kC / 4)][4 * (idx % (kC / 4))], src + 4 * idx, 16);
+  __pipeline_commit();
+}
+
 template <class T, int kG>
-__global__ void __launch_bounds__(kC * kG)
+__global__ void __launch_bounds__(kC * kG, kG == 1 ? 5 : 8 / kG)
     chain_forward4(KArgs a, const SeqInfo* seqs, const T* v, const float* P, const int32_t* SRC, const float* M, T* y, float* yf) {
   constexpr int kW = 4 * kG;
-  __shared__ __align__(16) float Ms[kC][kC + 4];
+  __shared__ __align__(16) float Ms[2][kC][kC + 4];
   __shared__ __align__(16) float W[kC][kW];
   __shared__ __align__(16) float Yp[2][kC][kW];
   const SeqInfo sq = seqs[blockIdx.x];
@@ -723,54 +756,74 @@ __global__ void __launch_bounds__(kC * kG)
   const int64_t nch = (sq.n + kC - 1) / kC;
   const float* ybase = yf + eoff(a.sy, sq, 0, h) + d;
   const bool copy = static_cast<const void*>(yf) != static_cast<const void*>(y);
+  const float* Mh = M + (sq.cbase * a.H + h) * kC * kC;  // chunk c at Mh + c * H * kC * kC
+  // prefetched for the next chunk
+  float4 xv = make_float4(0.f, 0.f, 0.f, 0.f), yv[kPF];
+  float alpha = 0.f, pv[kPF];
+  int32_t sv[kPF];  // source row, -1: none or inside the chunk
+  auto prefetch = [&](int64_t c) {
+    const int64_t c0 = c * kC, i = c0 + t;
+    alpha = 0.f;
+#pragma unroll
+    for (int b = 0; b < kPF; ++b) sv[b] = -1;
+    if (i < sq.n && dok) {
+      const int64_t R = rid(a, sq, h, i);
+      xv = load4(v + eoff(a.sv, sq, i, h) + d);
+      alpha = P[R * S];
+#pragma unroll
+      for (int b = 0; b < kPF; ++b) {
+        int64_t sidx = -1;
+        if (b < a.nbl) sidx = offsets ? (a.pat.B.f[b] <= i ? i - a.pat.B.f[b] : -1) : SRC[R * a.nbl + b];
+        sv[b] = sidx < c0 ? static_cast<int32_t>(sidx) : -1;  // taps inside the chunk are in M
+        pv[b] = sv[b] >= 0 ? P[R * S + 1 + b] : 0.f;
+      }
+#pragma unroll
+      for (int b = 0; b < kPF; ++b)
+        if (sv[b] >= 0 && sv[b] < c0 - kC) yv[b] = *reinterpret_cast<const float4*>(ybase + sv[b] * a.sy.st);
+    }
+  };
+  if (nch > 0) {
+    copy_tile_async(Ms[0], Mh, threadIdx.x, kC * kG);
+    prefetch(0);
+  }
   for (int64_t c = 0; c < nch; ++c) {
     const int64_t c0 = c * kC, i = c0 + t;
     const bool row = i < sq.n && dok;
-    const float4* Mg = reinterpret_cast<const float4*>(M + ((sq.cbase + c) * a.H + h) * kC * kC);
-    for (int idx = threadIdx.x; idx < kC * kC / 4; idx += kC * kG) {
-      const float4 m = Mg[idx];
-      *reinterpret_cast<float4*>(&Ms[idx / (kC / 4)][4 * (idx % (kC / 4))]) = m;
-    }
     float4 w = make_float4(0.f, 0.f, 0.f, 0.f);
     if (row) {
-      const int64_t R = rid(a, sq, h, i);
-      const float4 x = load4(v + eoff(a.sv, sq, i, h) + d);
-      if (a.bad && !(isfinite(x.x) && isfinite(x.y) && isfinite(x.z) && isfinite(x.w))) atomicOr(a.bad, 4);
-      fma4(w, P[R * S], x);
-      const int32_t* src = SRC + R * a.nbl;
-      const float* pr = P + R * S + 1;
+      if (a.bad && !(isfinite(xv.x) && isfinite(xv.y) && isfinite(xv.z) && isfinite(xv.w))) atomicOr(a.bad, 4);
+      fma4(w, alpha, xv);
       const float(*yp)[kW] = Yp[(c + 1) & 1];  // chunk c - 1
-      for (int k0 = 0; k0 < a.nbl; k0 += 8) {
-        int64_t sv[8];
-        float pv[8];
 #pragma unroll
-        for (int b = 0; b < 8; ++b) {
-          const int kk = k0 + b;
-          int64_t sidx = -1;
-          if (kk < a.nbl) sidx = offsets ? (a.pat.B.f[kk] <= i ? i - a.pat.B.f[kk] : -1) : src[kk];
-          sv[b] = sidx < c0 ? sidx : -1;  // taps inside the chunk are in M
-          pv[b] = sv[b] >= 0 ? pr[kk] : 0.f;
+      for (int b = 0; b < kPF; ++b) {
+        if (sv[b] < 0) continue;
+        fma4(w, pv[b], sv[b] >= c0 - kC ? *reinterpret_cast<const float4*>(&yp[sv[b] - (c0 - kC)][4 * g]) : yv[b]);
+      }
+      if (a.nbl > kPF) {
+        const int64_t R = rid(a, sq, h, i);
+        for (int kk = kPF; kk < a.nbl; ++kk) {
+          const int64_t sidx = offsets ? (a.pat.B.f[kk] <= i ? i - a.pat.B.f[kk] : -1) : SRC[R * a.nbl + kk];
+          if (sidx < 0 || sidx >= c0) continue;
+          const float p = P[R * S + 1 + kk];
+          fma4(w, p, sidx >= c0 - kC ? *reinterpret_cast<const float4*>(&yp[sidx - (c0 - kC)][4 * g])
+                                     : *reinterpret_cast<const float4*>(ybase + sidx * a.sy.st));
         }
-        float4 yv[8];
-#pragma unroll
-        for (int b = 0; b < 8; ++b) {
-          if (sv[b] < 0)
-            yv[b] = make_float4(0.f, 0.f, 0.f, 0.f);
-          else if (sv[b] >= c0 - kC)
-            yv[b] = *reinterpret_cast<const float4*>(&yp[sv[b] - (c0 - kC)][4 * g]);
-          else
-            yv[b] = *reinterpret_cast<const float4*>(ybase + sv[b] * a.sy.st);
-        }
-#pragma unroll
-        for (int b = 0; b < 8; ++b) fma4(w, pv[b], yv[b]);
       }
     }
     *reinterpret_cast<float4*>(&W[t][4 * g]) = w;
+    __pipeline_wait_prior(0);  // M of this chunk
     __syncthreads();
+    // next chunk's loads go out before the product, whose time covers their latency; the other
+    // tile was last read in step c - 1, before its closing barrier
+    if (c + 1 < nch) {
+      copy_tile_async(Ms[(c + 1) & 1], Mh + (c + 1) * a.H * kC * kC, threadIdx.x, kC * kG);
+      prefetch(c + 1);
+    }
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    const float(*Mc)[kC + 4] = Ms[c & 1];
     if (row) {
 #pragma unroll 4
-      for (int s2 = 0; s2 <= t; ++s2) fma4(acc, Ms[t][s2], *reinterpret_cast<const float4*>(&W[s2][4 * g]));
+      for (int s2 = 0; s2 <= t; ++s2) fma4(acc, Mc[t][s2], *reinterpret_cast<const float4*>(&W[s2][4 * g]));
       const int64_t o = eoff(a.sy, sq, i, h) + d;
       if (copy) *reinterpret_cast<float4*>(yf + o) = acc;
       store4(y + o, acc);
@@ -781,12 +834,13 @@ __global__ void __launch_bounds__(kC * kG)
 }
 
 // Backward chain for offsets with 4 channels per thread (see chain_forward4): readers of row i
-// are m = i + f(k); those in chunk c + 1 come from shared memory.
+// are m = i + f(k); those in chunk c + 1 come from shared memory, farther ones were fetched one
+// step ahead.
 template <class T, int kG>
-__global__ void __launch_bounds__(kC * kG)
+__global__ void __launch_bounds__(kC * kG, kG == 1 ? 5 : 8 / kG)
     chain_backward4(KArgs a, const SeqInfo* seqs, const T* dy, const float* P, const float* MT, float* G) {
   constexpr int kW = 4 * kG;
-  __shared__ __align__(16) float Ms[kC][kC + 4];
+  __shared__ __align__(16) float Ms[2][kC][kC + 4];
   __shared__ __align__(16) float W[kC][kW];
   __shared__ __align__(16) float Gp[2][kC][kW];
   const SeqInfo sq = seqs[blockIdx.x];
@@ -798,51 +852,66 @@ __global__ void __launch_bounds__(kC * kG)
   const int64_t nch = (sq.n + kC - 1) / kC;
   float* gbase = G + eoff(a.sy, sq, 0, h) + d;
   const int64_t* f = a.pat.B.f;
+  const float* Mh = MT + (sq.cbase * a.H + h) * kC * kC;
+  float4 xv = make_float4(0.f, 0.f, 0.f, 0.f), gv[kPF];
+  float pv[kPF];
+  int32_t mv[kPF];  // reader row, -1: none or inside the chunk
+  auto prefetch = [&](int64_t c) {
+    const int64_t c0 = c * kC, i = c0 + t, cend = c0 + kC;
+#pragma unroll
+    for (int b = 0; b < kPF; ++b) mv[b] = -1;
+    if (i < sq.n && dok) {
+      xv = load4(dy + eoff(a.sy, sq, i, h) + d);
+#pragma unroll
+      for (int b = 0; b < kPF; ++b) {
+        const int64_t mrow = b < a.nbl ? i + f[b] : sq.n;
+        mv[b] = mrow < sq.n && mrow >= cend ? static_cast<int32_t>(mrow) : -1;
+        pv[b] = mv[b] >= 0 ? P[rid(a, sq, h, mrow) * S + 1 + b] : 0.f;
+      }
+#pragma unroll
+      for (int b = 0; b < kPF; ++b)
+        if (mv[b] >= cend + kC) gv[b] = *reinterpret_cast<const float4*>(gbase + mv[b] * a.sy.st);
+    }
+  };
+  if (nch > 0) {
+    copy_tile_async(Ms[(nch - 1) & 1], Mh + (nch - 1) * a.H * kC * kC, threadIdx.x, kC * kG);
+    prefetch(nch - 1);
+  }
   for (int64_t c = nch - 1; c >= 0; --c) {
-    const int64_t c0 = c * kC, i = c0 + t;
+    const int64_t c0 = c * kC, i = c0 + t, cend = c0 + kC;
     const bool row = i < sq.n && dok;
     const int nvalid = static_cast<int>(lmin(kC, sq.n - c0));
-    const float4* Mg = reinterpret_cast<const float4*>(MT + ((sq.cbase + c) * a.H + h) * kC * kC);
-    for (int idx = threadIdx.x; idx < kC * kC / 4; idx += kC * kG) {
-      const float4 m = Mg[idx];
-      *reinterpret_cast<float4*>(&Ms[idx / (kC / 4)][4 * (idx % (kC / 4))]) = m;
-    }
     float4 w = make_float4(0.f, 0.f, 0.f, 0.f);
     if (row) {
-      w = load4(dy + eoff(a.sy, sq, i, h) + d);
+      w = xv;
       if (a.bad && !(isfinite(w.x) && isfinite(w.y) && isfinite(w.z) && isfinite(w.w))) atomicOr(a.bad, 8);
       const float(*gp)[kW] = Gp[(c + 1) & 1];  // chunk c + 1
-      const int64_t cend = c0 + kC;
-      for (int k0 = 0; k0 < a.nbl; k0 += 8) {
-        int64_t mv[8];
-        float pv[8];
 #pragma unroll
-        for (int b = 0; b < 8; ++b) {
-          const int kk = k0 + b;
-          const int64_t mrow = kk < a.nbl ? i + f[kk] : sq.n;
-          mv[b] = mrow < sq.n && mrow >= cend ? mrow : -1;
-          pv[b] = mv[b] >= 0 ? P[rid(a, sq, h, mrow) * S + 1 + kk] : 0.f;
-        }
-        float4 gv[8];
-#pragma unroll
-        for (int b = 0; b < 8; ++b) {
-          if (mv[b] < 0)
-            gv[b] = make_float4(0.f, 0.f, 0.f, 0.f);
-          else if (mv[b] < cend + kC)
-            gv[b] = *reinterpret_cast<const float4*>(&gp[mv[b] - cend][4 * g]);
-          else
-            gv[b] = *reinterpret_cast<const float4*>(gbase + mv[b] * a.sy.st);
-        }
-#pragma unroll
-        for (int b = 0; b < 8; ++b) fma4(w, pv[b], gv[b]);
+      for (int b = 0; b < kPF; ++b) {
+        if (mv[b] < 0) continue;
+        fma4(w, pv[b], mv[b] < cend + kC ? *reinterpret_cast<const float4*>(&gp[mv[b] - cend][4 * g]) : gv[b]);
+      }
+      for (int kk = kPF; kk < a.nbl; ++kk) {
+        const int64_t mrow = i + f[kk];
+        if (mrow >= sq.n) break;
+        if (mrow < cend) continue;
+        const float p = P[rid(a, sq, h, mrow) * S + 1 + kk];
+        fma4(w, p, mrow < cend + kC ? *reinterpret_cast<const float4*>(&gp[mrow - cend][4 * g])
+                                    : *reinterpret_cast<const float4*>(gbase + mrow * a.sy.st));
       }
     }
     *reinterpret_cast<float4*>(&W[t][4 * g]) = w;
+    __pipeline_wait_prior(0);
     __syncthreads();
+    if (c > 0) {
+      copy_tile_async(Ms[(c - 1) & 1], Mh + (c - 1) * a.H * kC * kC, threadIdx.x, kC * kG);
+      prefetch(c - 1);
+    }
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    const float(*Mc)[kC + 4] = Ms[c & 1];
     if (row) {
 #pragma unroll 4
-      for (int s2 = t; s2 < nvalid; ++s2) fma4(acc, Ms[t][s2], *reinterpret_cast<const float4*>(&W[s2][4 * g]));
+      for (int s2 = t; s2 < nvalid; ++s2) fma4(acc, Mc[t][s2], *reinterpret_cast<const float4*>(&W[s2][4 * g]));
       *reinterpret_cast<float4*>(gbase + i * a.sy.st) = acc;
     }
     *reinterpret_cast<float4*>(&Gp[c & 1][t][4 * g]) = acc;
