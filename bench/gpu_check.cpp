@@ -372,6 +372,20 @@ int main(int argc, char** argv) {
     for (const char* s : {"pow2", "sq1-lattice", "pow2-lattice", "sq1"})
       check_case({s, "softmax", 1, 1500, 2, 32, 32, false, 1.0, {}}, dt);  // long: far taps, lattice runs
   }
+  // the chunked solver has two chains and three layouts of one, chosen by size: the same cases
+  // again with the 512-thread chain forced (small problems take the 4-channel one)
+  setenv("TOKMIX_CUDA_VARIANT", "1", 1);
+  std::printf("-- again with the 512-thread chain forced (TOKMIX_CUDA_VARIANT=1)\n");
+  for (auto dt : {torch::kFloat32, torch::kBFloat16})
+    for (const char* s : {"first-order", "recurrence:3", "pow2", "sq1", "pow2-lattice", "sq1-lattice", "f:1,3,9", "f:2*k+1-lattice"}) {
+      for (std::string mode : {"softmax", "gate"}) {
+        check_case({s, mode, 1, 200, 2, 64, 64, true, 0.9, {}}, dt);
+        check_case({s, mode, 1, 0, 2, 8, 8, true, 1.0, {5, 1, 23, 0, 11, 130}}, dt);
+      }
+      check_case({s, "softmax", 1, 1, 1, 4, 4, true, 1.0, {}}, dt);
+      check_case({s, "softmax", 1, 1500, 2, 32, 32, false, 1.0, {}}, dt);
+    }
+  unsetenv("TOKMIX_CUDA_VARIANT");
   for (const auto& s : specs)
     for (std::string mode : {"softmax", "gate"})
       for (int64_t pf : {0L, 1L, 33L}) check_decode(s, mode, pf);

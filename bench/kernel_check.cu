@@ -220,14 +220,15 @@ void check_case(const Case& c, bool bf) {
     CK(cudaMalloc(&gdg, sizeof(float) * units * L * c.Dk));
     CK(cudaMemset(gdg, 0, sizeof(float) * units * L * c.Dk));
   }
-  void* ws;
+  void *ws, *tab;
   const int64_t wsb = std::max(mix_cuda_workspace_bytes(m, false), mix_cuda_workspace_bytes(m, true));
   CK(cudaMalloc(&ws, wsb));
+  CK(cudaMalloc(&tab, std::max<int64_t>(1, mix_cuda_saved_bytes(m))));
   const void* kd = gate ? q.d : k.d;
   int32_t f1 = 0, f2 = 0;
   if (T > 0) {
-    f1 = mix_forward_cuda(m, q.d, kd, v.d, bias.d, gw.d, gy.d, glse, ws);
-    f2 = mix_backward_cuda(m, q.d, kd, v.d, bias.d, gw.d, gy.d, glse, dy.d, gdq.d, gate ? nullptr : gdk.d, gdv.d, gdb, gdg, ws);
+    f1 = mix_forward_cuda(m, q.d, kd, v.d, bias.d, gw.d, gy.d, glse, ws, tab);
+    f2 = mix_backward_cuda(m, q.d, kd, v.d, bias.d, gw.d, gy.d, glse, dy.d, gdq.d, gate ? nullptr : gdk.d, gdv.d, gdb, gdg, ws, tab);
   }
   CK(cudaDeviceSynchronize());
   CK(cudaGetLastError());
@@ -282,6 +283,7 @@ void check_case(const Case& c, bool bf) {
   if (gdb) cudaFree(gdb);
   if (gdg) cudaFree(gdg);
   cudaFree(ws);
+  cudaFree(tab);
 }
 
 // NaN in one input: the kernels must report it (bit per input), never pass it silently.
@@ -322,10 +324,11 @@ void check_nan_flags(const std::string& spec, bool bf) {
     dv.alloc(B * T * H * D, bf);
     float* lse;
     CK(cudaMalloc(&lse, sizeof(float) * B * H * T));
-    void* ws;
+    void *ws, *tab;
     CK(cudaMalloc(&ws, std::max(mix_cuda_workspace_bytes(m, false), mix_cuda_workspace_bytes(m, true))));
-    const int32_t f1 = mix_forward_cuda(m, q.d, k.d, v.d, nullptr, nullptr, y.d, lse, ws);
-    const int32_t f2 = mix_backward_cuda(m, q.d, k.d, v.d, nullptr, nullptr, y.d, lse, dy.d, dq.d, dk.d, dv.d, nullptr, nullptr, ws);
+    CK(cudaMalloc(&tab, std::max<int64_t>(1, mix_cuda_saved_bytes(m))));
+    const int32_t f1 = mix_forward_cuda(m, q.d, k.d, v.d, nullptr, nullptr, y.d, lse, ws, tab);
+    const int32_t f2 = mix_backward_cuda(m, q.d, k.d, v.d, nullptr, nullptr, y.d, lse, dy.d, dq.d, dk.d, dv.d, nullptr, nullptr, ws, tab);
     CK(cudaDeviceSynchronize());
     const bool ok = which < 3 ? (f1 & (1 << which)) != 0 : (f2 & 8) != 0;
     std::printf("%s NaN in %s (%s %s): forward flags %d, backward flags %d\n", ok ? "PASS" : "FAIL", which == 0 ? "q" : which == 1 ? "k" : which == 2 ? "v" : "dy",
@@ -333,6 +336,7 @@ void check_nan_flags(const std::string& spec, bool bf) {
     (ok ? g_pass : g_fail)++;
     cudaFree(lse);
     cudaFree(ws);
+    cudaFree(tab);
   }
 }
 
@@ -370,8 +374,10 @@ void bench(const std::string& spec, int64_t B, int64_t T, int64_t H, int64_t D, 
   m.max_seq = T;
   m.nbl = pat.num_B_levels(T);
   m.dtype = DType::BF16;
-  const int64_t wsf = mix_cuda_workspace_bytes(m, false), wsb = mix_cuda_workspace_bytes(m, true);
+  const int64_t wsf = mix_cuda_workspace_bytes(m, false), wsb = mix_cuda_workspace_bytes(m, true), tbytes = mix_cuda_saved_bytes(m);
   CK(cudaMalloc(&ws, std::max(wsf, wsb)));
+  void* tab;
+  CK(cudaMalloc(&tab, std::max<int64_t>(1, tbytes)));
   cudaEvent_t e0, e1, e2;
   CK(cudaEventCreate(&e0));
   CK(cudaEventCreate(&e1));
@@ -379,9 +385,9 @@ void bench(const std::string& spec, int64_t B, int64_t T, int64_t H, int64_t D, 
   std::vector<float> tf, tb;
   for (int r = 0; r < 12; ++r) {
     CK(cudaEventRecord(e0));
-    mix_forward_cuda(m, q, k, v, nullptr, nullptr, y, lse, ws);
+    mix_forward_cuda(m, q, k, v, nullptr, nullptr, y, lse, ws, tab);
     CK(cudaEventRecord(e1));
-    mix_backward_cuda(m, q, k, v, nullptr, nullptr, y, lse, dy, dq, dk, dv, nullptr, nullptr, ws);
+    mix_backward_cuda(m, q, k, v, nullptr, nullptr, y, lse, dy, dq, dk, dv, nullptr, nullptr, ws, tab);
     CK(cudaEventRecord(e2));
     CK(cudaEventSynchronize(e2));
     float a, b;
@@ -395,9 +401,9 @@ void bench(const std::string& spec, int64_t B, int64_t T, int64_t H, int64_t D, 
   CK(cudaGetLastError());
   const double floor_ms = 4.0 * n * 2 / 4.3e12 * 1e3;
   const double f = median(tf), b = median(tb);
-  std::printf("%-12s %-14s (%ld,%6ld,%ld,%3ld) fwd %7.3f ms  bwd %7.3f ms  fwd+bwd %7.3f ms  fwd/io-floor %5.1fx  ws fwd %.0f MB bwd %.0f MB\n",
-              spec.c_str(), label, (long)B, (long)T, (long)H, (long)D, f, b, f + b, f / floor_ms, wsf / 1e6, wsb / 1e6);
-  for (void* p : {q, k, v, dy, y, dq, dk, dv, ws}) cudaFree(p);
+  std::printf("%-12s %-16s (%ld,%6ld,%ld,%3ld) fwd %7.3f ms  bwd %7.3f ms  fwd+bwd %7.3f ms  fwd/io-floor %5.1fx  ws fwd %.0f MB bwd %.0f MB tables %.0f MB\n",
+              spec.c_str(), label, (long)B, (long)T, (long)H, (long)D, f, b, f + b, f / floor_ms, wsf / 1e6, wsb / 1e6, tbytes / 1e6);
+  for (void* p : {q, k, v, dy, y, dq, dk, dv, ws, tab}) cudaFree(p);
   cudaFree(lse);
 }
 
@@ -434,9 +440,11 @@ void one(const std::string& spec, int64_t B, int64_t T, int64_t H, int64_t D) {
   m.nbl = pat.num_B_levels(T);
   m.dtype = DType::BF16;
   CK(cudaMalloc(&ws, std::max(mix_cuda_workspace_bytes(m, false), mix_cuda_workspace_bytes(m, true))));
+  void* tab;
+  CK(cudaMalloc(&tab, std::max<int64_t>(1, mix_cuda_saved_bytes(m))));
   for (int r = 0; r < 2; ++r) {
-    mix_forward_cuda(m, q, k, v, nullptr, nullptr, y, lse, ws);
-    mix_backward_cuda(m, q, k, v, nullptr, nullptr, y, lse, dy, dq, dk, dv, nullptr, nullptr, ws);
+    mix_forward_cuda(m, q, k, v, nullptr, nullptr, y, lse, ws, tab);
+    mix_backward_cuda(m, q, k, v, nullptr, nullptr, y, lse, dy, dq, dk, dv, nullptr, nullptr, ws, tab);
   }
   CK(cudaDeviceSynchronize());
 }
@@ -448,7 +456,14 @@ int main(int argc, char** argv) {
   }
   const bool check = !(argc > 1 && std::string(argv[1]) == "--bench-only");
   const auto t_start = std::chrono::steady_clock::now();
-  if (check) {
+  // default selection, then each chain forced: the (4, 1) layout and the 512-thread chain
+  const std::pair<const char*, const char*> passes[] = {{"", ""}, {"TOKMIX_CHAIN_G", "4"}, {"TOKMIX_CUDA_VARIANT", "1"}};
+  for (const auto& pass : passes) {
+    if (!check) break;
+    if (*pass.first) {
+      setenv(pass.first, pass.second, 1);
+      std::printf("-- checks again with %s=%s\n", pass.first, pass.second);
+    }
     const char* specs[] = {"pow2", "sq1", "pow2-lattice", "sq1-lattice", "first-order", "recurrence:3", "f:1,3,9", "f:2*k+1-lattice", "attention"};
     for (bool bf : {false, true}) {
       for (const char* s : specs) {
@@ -467,13 +482,15 @@ int main(int argc, char** argv) {
       for (const char* s : {"pow2", "sq1-lattice"}) check_nan_flags(s, bf);
     }
     std::printf("kernel check: %d passed, %d failed (%.1f s)\n", g_pass, g_fail, std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count());
+    unsetenv("TOKMIX_CHAIN_G");
+    unsetenv("TOKMIX_CUDA_VARIANT");
   }
   struct V {
     const char* env_variant;
     const char* env_g;
     const char* label;
   };
-  const V variants[] = {{"0", "", "new(auto)"}, {"1", "", "old-chain"}, {"0", "1", "new g1"}, {"0", "2", "new g2"}, {"0", "4", "new g4"}};
+  const V variants[] = {{"0", "", "auto"}, {"1", "", "512-thread chain"}};
   const int64_t shapes[][4] = {{4, 4096, 16, 64}, {2, 16384, 16, 128}, {1, 65536, 16, 64}};
   for (const auto& sh : shapes)
     for (const char* spec : {"pow2", "sq1-lattice"})

@@ -467,7 +467,7 @@ __global__ void __launch_bounds__(kGenThreads)
 // beta of level k (0 when absent or merged); SRC[R][k] = source row within the sequence (-1
 // when absent). M[(chunk*H + h)][C][C] = (I - B_cc)^{-1} (or its transpose for backward).
 
-template <class T, bool kTransposeM>
+template <class T>
 __global__ void __launch_bounds__(kRowWarps * 32)
     coef_kernel(KArgs a, const SeqInfo* seqs, const int32_t* chunk_seq, const T* q, const T* k, const T* bias, const T* gw,
                 float* lse, float* P, int32_t* SRC, float* M) {
@@ -623,7 +623,7 @@ __global__ void __launch_bounds__(kRowWarps * 32)
   float* Mg = M + (cg * a.H + h) * kC * kC;
   for (int idx = threadIdx.x; idx < kC * kC; idx += blockDim.x) {
     const int r = idx / kC, c = idx % kC;
-    Mg[idx] = kTransposeM ? Ms[c * (kC + 1) + r] : Ms[r * (kC + 1) + c];
+    Mg[idx] = Ms[r * (kC + 1) + c];
   }
 }
 
@@ -723,32 +723,46 @@ __global__ void __launch_bounds__(kChainThreads)
   }
 }
 
-// Chain with 4 channels per thread (Dv % 4 == 0): thread (t, g) owns row t of the chunk and
-// channels 4 g .. 4 g + 3 of the block's slice of 4 kG, so that taps are 16-byte reads and the
-// 64 x 64 product runs 4 FMA per two shared loads. What a step needs from global memory is
+// Chain with 4 channels per thread (Dv % 4 == 0): kS threads (consecutive lanes) own row t of
+// the chunk and channels 4 g .. 4 g + 3 of the block's slice of 4 kG; they split the row's taps
+// and its 64-long product with M_c and add their parts with shuffles, so that the step's
+// dependent chain is short. Taps are 16-byte reads. What a step needs from global memory is
 // fetched one step ahead: M of the next chunk by cp.async into the other half of a
 // double-buffered tile, and per row alpha, v, the first kPF levels' coefficients and sources and
-// the outputs they read that lie two or more chunks back. The previous chunk's outputs stay in
-// shared memory (double-buffered), so the step's critical path is shared memory, the product
-// and two barriers. Levels past kPF (long lattices) are read during the step.
+// the outputs they read that lie two or more chunks back, issued before the product so that its
+// time covers their latency. The previous chunk's outputs stay in shared memory
+// (double-buffered). Levels past kPF (long lattices) are read during the step.
 constexpr int kPF = 16;
+constexpr int kChain4Threads = 256;  // kC * kG * kS
 
 __device__ __forceinline__ void copy_tile_async(float (*dst)[kC + 4], const float* src, int tid, int nthreads) {
   for (int idx = tid; idx < kC * kC / 4; idx += nthreads)
     __pipeline_memcpy_async(&dst[idx / (kC / 4)][4 * (idx % (kC / 4))], src + 4 * idx, 16);
   __pipeline_commit();
 }
+// Sum over the kS consecutive lanes that share a row (every lane of the warp must call it).
+template <int kS>
+__device__ __forceinline__ float4 parts_sum(float4 x) {
+#pragma unroll
+  for (int o = 1; o < kS; o <<= 1) {
+    x.x += __shfl_xor_sync(0xffffffffu, x.x, o);
+    x.y += __shfl_xor_sync(0xffffffffu, x.y, o);
+    x.z += __shfl_xor_sync(0xffffffffu, x.z, o);
+    x.w += __shfl_xor_sync(0xffffffffu, x.w, o);
+  }
+  return x;
+}
 
-template <class T, int kG>
-__global__ void __launch_bounds__(kC * kG, kG == 1 ? 5 : 8 / kG)
+template <class T, int kG, int kS>
+__global__ void __launch_bounds__(kC * kG * kS, 2)
     chain_forward4(KArgs a, const SeqInfo* seqs, const T* v, const float* P, const int32_t* SRC, const float* M, T* y, float* yf) {
-  constexpr int kW = 4 * kG;
+  constexpr int kW = 4 * kG, kN = kC * kG * kS, kPS = kPF / kS;
   __shared__ __align__(16) float Ms[2][kC][kC + 4];
   __shared__ __align__(16) float W[kC][kW];
   __shared__ __align__(16) float Yp[2][kC][kW];
   const SeqInfo sq = seqs[blockIdx.x];
   const int64_t h = blockIdx.y;
-  const int t = threadIdx.x / kG, g = threadIdx.x % kG;
+  const int part = threadIdx.x % kS, g = (threadIdx.x / kS) % kG, t = threadIdx.x / (kS * kG);
   const int64_t d = static_cast<int64_t>(blockIdx.z) * kW + 4 * g;
   const bool dok = d < a.Dv;
   const int S = 1 + a.nbl;
@@ -757,33 +771,36 @@ __global__ void __launch_bounds__(kC * kG, kG == 1 ? 5 : 8 / kG)
   const float* ybase = yf + eoff(a.sy, sq, 0, h) + d;
   const bool copy = static_cast<const void*>(yf) != static_cast<const void*>(y);
   const float* Mh = M + (sq.cbase * a.H + h) * kC * kC;  // chunk c at Mh + c * H * kC * kC
-  // prefetched for the next chunk
-  float4 xv = make_float4(0.f, 0.f, 0.f, 0.f), yv[kPF];
-  float alpha = 0.f, pv[kPF];
-  int32_t sv[kPF];  // source row, -1: none or inside the chunk
+  // prefetched for the next chunk: this thread's levels part, part + kS, ...
+  float4 xv = make_float4(0.f, 0.f, 0.f, 0.f), yv[kPS];
+  float alpha = 0.f, pv[kPS];
+  int32_t sv[kPS];  // source row, -1: none or inside the chunk
   auto prefetch = [&](int64_t c) {
     const int64_t c0 = c * kC, i = c0 + t;
     alpha = 0.f;
 #pragma unroll
-    for (int b = 0; b < kPF; ++b) sv[b] = -1;
+    for (int j = 0; j < kPS; ++j) sv[j] = -1;
     if (i < sq.n && dok) {
       const int64_t R = rid(a, sq, h, i);
-      xv = load4(v + eoff(a.sv, sq, i, h) + d);
-      alpha = P[R * S];
-#pragma unroll
-      for (int b = 0; b < kPF; ++b) {
-        int64_t sidx = -1;
-        if (b < a.nbl) sidx = offsets ? (a.pat.B.f[b] <= i ? i - a.pat.B.f[b] : -1) : SRC[R * a.nbl + b];
-        sv[b] = sidx < c0 ? static_cast<int32_t>(sidx) : -1;  // taps inside the chunk are in M
-        pv[b] = sv[b] >= 0 ? P[R * S + 1 + b] : 0.f;
+      if (part == 0) {
+        xv = load4(v + eoff(a.sv, sq, i, h) + d);
+        alpha = P[R * S];
       }
 #pragma unroll
-      for (int b = 0; b < kPF; ++b)
-        if (sv[b] >= 0 && sv[b] < c0 - kC) yv[b] = *reinterpret_cast<const float4*>(ybase + sv[b] * a.sy.st);
+      for (int j = 0; j < kPS; ++j) {
+        const int b = part + j * kS;
+        int64_t sidx = -1;
+        if (b < a.nbl) sidx = offsets ? (a.pat.B.f[b] <= i ? i - a.pat.B.f[b] : -1) : SRC[R * a.nbl + b];
+        sv[j] = sidx < c0 ? static_cast<int32_t>(sidx) : -1;  // taps inside the chunk are in M
+        pv[j] = sv[j] >= 0 ? P[R * S + 1 + b] : 0.f;
+      }
+#pragma unroll
+      for (int j = 0; j < kPS; ++j)
+        if (sv[j] >= 0 && sv[j] < c0 - kC) yv[j] = *reinterpret_cast<const float4*>(ybase + sv[j] * a.sy.st);
     }
   };
   if (nch > 0) {
-    copy_tile_async(Ms[0], Mh, threadIdx.x, kC * kG);
+    copy_tile_async(Ms[0], Mh, threadIdx.x, kN);
     prefetch(0);
   }
   for (int64_t c = 0; c < nch; ++c) {
@@ -791,17 +808,19 @@ __global__ void __launch_bounds__(kC * kG, kG == 1 ? 5 : 8 / kG)
     const bool row = i < sq.n && dok;
     float4 w = make_float4(0.f, 0.f, 0.f, 0.f);
     if (row) {
-      if (a.bad && !(isfinite(xv.x) && isfinite(xv.y) && isfinite(xv.z) && isfinite(xv.w))) atomicOr(a.bad, 4);
-      fma4(w, alpha, xv);
+      if (part == 0) {
+        if (a.bad && !(isfinite(xv.x) && isfinite(xv.y) && isfinite(xv.z) && isfinite(xv.w))) atomicOr(a.bad, 4);
+        fma4(w, alpha, xv);
+      }
       const float(*yp)[kW] = Yp[(c + 1) & 1];  // chunk c - 1
 #pragma unroll
-      for (int b = 0; b < kPF; ++b) {
-        if (sv[b] < 0) continue;
-        fma4(w, pv[b], sv[b] >= c0 - kC ? *reinterpret_cast<const float4*>(&yp[sv[b] - (c0 - kC)][4 * g]) : yv[b]);
+      for (int j = 0; j < kPS; ++j) {
+        if (sv[j] < 0) continue;
+        fma4(w, pv[j], sv[j] >= c0 - kC ? *reinterpret_cast<const float4*>(&yp[sv[j] - (c0 - kC)][4 * g]) : yv[j]);
       }
       if (a.nbl > kPF) {
         const int64_t R = rid(a, sq, h, i);
-        for (int kk = kPF; kk < a.nbl; ++kk) {
+        for (int kk = kPF + part; kk < a.nbl; kk += kS) {
           const int64_t sidx = offsets ? (a.pat.B.f[kk] <= i ? i - a.pat.B.f[kk] : -1) : SRC[R * a.nbl + kk];
           if (sidx < 0 || sidx >= c0) continue;
           const float p = P[R * S + 1 + kk];
@@ -810,71 +829,76 @@ __global__ void __launch_bounds__(kC * kG, kG == 1 ? 5 : 8 / kG)
         }
       }
     }
-    *reinterpret_cast<float4*>(&W[t][4 * g]) = w;
+    w = parts_sum<kS>(w);
+    if (part == 0) *reinterpret_cast<float4*>(&W[t][4 * g]) = w;
     __pipeline_wait_prior(0);  // M of this chunk
     __syncthreads();
     // next chunk's loads go out before the product, whose time covers their latency; the other
     // tile was last read in step c - 1, before its closing barrier
     if (c + 1 < nch) {
-      copy_tile_async(Ms[(c + 1) & 1], Mh + (c + 1) * a.H * kC * kC, threadIdx.x, kC * kG);
+      copy_tile_async(Ms[(c + 1) & 1], Mh + (c + 1) * a.H * kC * kC, threadIdx.x, kN);
       prefetch(c + 1);
     }
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
     const float(*Mc)[kC + 4] = Ms[c & 1];
     if (row) {
 #pragma unroll 4
-      for (int s2 = 0; s2 <= t; ++s2) fma4(acc, Mc[t][s2], *reinterpret_cast<const float4*>(&W[s2][4 * g]));
+      for (int s2 = part; s2 <= t; s2 += kS) fma4(acc, Mc[t][s2], *reinterpret_cast<const float4*>(&W[s2][4 * g]));
+    }
+    acc = parts_sum<kS>(acc);
+    if (row && part == 0) {
       const int64_t o = eoff(a.sy, sq, i, h) + d;
       if (copy) *reinterpret_cast<float4*>(yf + o) = acc;
       store4(y + o, acc);
     }
-    *reinterpret_cast<float4*>(&Yp[c & 1][t][4 * g]) = acc;
+    if (part == 0) *reinterpret_cast<float4*>(&Yp[c & 1][t][4 * g]) = acc;
     __syncthreads();
   }
 }
 
-// Backward chain for offsets with 4 channels per thread (see chain_forward4): readers of row i
-// are m = i + f(k); those in chunk c + 1 come from shared memory, farther ones were fetched one
-// step ahead.
-template <class T, int kG>
-__global__ void __launch_bounds__(kC * kG, kG == 1 ? 5 : 8 / kG)
-    chain_backward4(KArgs a, const SeqInfo* seqs, const T* dy, const float* P, const float* MT, float* G) {
-  constexpr int kW = 4 * kG;
+// Backward chain for offsets (see chain_forward4): readers of row i are m = i + f(k); those in
+// chunk c + 1 come from shared memory, farther ones were fetched one step ahead. M_c^T is read
+// from the tile of M_c by column.
+template <class T, int kG, int kS>
+__global__ void __launch_bounds__(kC * kG * kS, 2)
+    chain_backward4(KArgs a, const SeqInfo* seqs, const T* dy, const float* P, const float* M, float* G) {
+  constexpr int kW = 4 * kG, kN = kC * kG * kS, kPS = kPF / kS;
   __shared__ __align__(16) float Ms[2][kC][kC + 4];
   __shared__ __align__(16) float W[kC][kW];
   __shared__ __align__(16) float Gp[2][kC][kW];
   const SeqInfo sq = seqs[blockIdx.x];
   const int64_t h = blockIdx.y;
-  const int t = threadIdx.x / kG, g = threadIdx.x % kG;
+  const int part = threadIdx.x % kS, g = (threadIdx.x / kS) % kG, t = threadIdx.x / (kS * kG);
   const int64_t d = static_cast<int64_t>(blockIdx.z) * kW + 4 * g;
   const bool dok = d < a.Dv;
   const int S = 1 + a.nbl;
   const int64_t nch = (sq.n + kC - 1) / kC;
   float* gbase = G + eoff(a.sy, sq, 0, h) + d;
   const int64_t* f = a.pat.B.f;
-  const float* Mh = MT + (sq.cbase * a.H + h) * kC * kC;
-  float4 xv = make_float4(0.f, 0.f, 0.f, 0.f), gv[kPF];
-  float pv[kPF];
-  int32_t mv[kPF];  // reader row, -1: none or inside the chunk
+  const float* Mh = M + (sq.cbase * a.H + h) * kC * kC;
+  float4 xv = make_float4(0.f, 0.f, 0.f, 0.f), gv[kPS];
+  float pv[kPS];
+  int32_t mv[kPS];  // reader row, -1: none or inside the chunk
   auto prefetch = [&](int64_t c) {
     const int64_t c0 = c * kC, i = c0 + t, cend = c0 + kC;
 #pragma unroll
-    for (int b = 0; b < kPF; ++b) mv[b] = -1;
+    for (int j = 0; j < kPS; ++j) mv[j] = -1;
     if (i < sq.n && dok) {
-      xv = load4(dy + eoff(a.sy, sq, i, h) + d);
+      if (part == 0) xv = load4(dy + eoff(a.sy, sq, i, h) + d);
 #pragma unroll
-      for (int b = 0; b < kPF; ++b) {
+      for (int j = 0; j < kPS; ++j) {
+        const int b = part + j * kS;
         const int64_t mrow = b < a.nbl ? i + f[b] : sq.n;
-        mv[b] = mrow < sq.n && mrow >= cend ? static_cast<int32_t>(mrow) : -1;
-        pv[b] = mv[b] >= 0 ? P[rid(a, sq, h, mrow) * S + 1 + b] : 0.f;
+        mv[j] = mrow < sq.n && mrow >= cend ? static_cast<int32_t>(mrow) : -1;
+        pv[j] = mv[j] >= 0 ? P[rid(a, sq, h, mrow) * S + 1 + b] : 0.f;
       }
 #pragma unroll
-      for (int b = 0; b < kPF; ++b)
-        if (mv[b] >= cend + kC) gv[b] = *reinterpret_cast<const float4*>(gbase + mv[b] * a.sy.st);
+      for (int j = 0; j < kPS; ++j)
+        if (mv[j] >= cend + kC) gv[j] = *reinterpret_cast<const float4*>(gbase + mv[j] * a.sy.st);
     }
   };
   if (nch > 0) {
-    copy_tile_async(Ms[(nch - 1) & 1], Mh + (nch - 1) * a.H * kC * kC, threadIdx.x, kC * kG);
+    copy_tile_async(Ms[(nch - 1) & 1], Mh + (nch - 1) * a.H * kC * kC, threadIdx.x, kN);
     prefetch(nch - 1);
   }
   for (int64_t c = nch - 1; c >= 0; --c) {
@@ -883,15 +907,17 @@ __global__ void __launch_bounds__(kC * kG, kG == 1 ? 5 : 8 / kG)
     const int nvalid = static_cast<int>(lmin(kC, sq.n - c0));
     float4 w = make_float4(0.f, 0.f, 0.f, 0.f);
     if (row) {
-      w = xv;
-      if (a.bad && !(isfinite(w.x) && isfinite(w.y) && isfinite(w.z) && isfinite(w.w))) atomicOr(a.bad, 8);
+      if (part == 0) {
+        w = xv;
+        if (a.bad && !(isfinite(w.x) && isfinite(w.y) && isfinite(w.z) && isfinite(w.w))) atomicOr(a.bad, 8);
+      }
       const float(*gp)[kW] = Gp[(c + 1) & 1];  // chunk c + 1
 #pragma unroll
-      for (int b = 0; b < kPF; ++b) {
-        if (mv[b] < 0) continue;
-        fma4(w, pv[b], mv[b] < cend + kC ? *reinterpret_cast<const float4*>(&gp[mv[b] - cend][4 * g]) : gv[b]);
+      for (int j = 0; j < kPS; ++j) {
+        if (mv[j] < 0) continue;
+        fma4(w, pv[j], mv[j] < cend + kC ? *reinterpret_cast<const float4*>(&gp[mv[j] - cend][4 * g]) : gv[j]);
       }
-      for (int kk = kPF; kk < a.nbl; ++kk) {
+      for (int kk = kPF + part; kk < a.nbl; kk += kS) {
         const int64_t mrow = i + f[kk];
         if (mrow >= sq.n) break;
         if (mrow < cend) continue;
@@ -900,21 +926,23 @@ __global__ void __launch_bounds__(kC * kG, kG == 1 ? 5 : 8 / kG)
                                     : *reinterpret_cast<const float4*>(gbase + mrow * a.sy.st));
       }
     }
-    *reinterpret_cast<float4*>(&W[t][4 * g]) = w;
+    w = parts_sum<kS>(w);
+    if (part == 0) *reinterpret_cast<float4*>(&W[t][4 * g]) = w;
     __pipeline_wait_prior(0);
     __syncthreads();
     if (c > 0) {
-      copy_tile_async(Ms[(c - 1) & 1], Mh + (c - 1) * a.H * kC * kC, threadIdx.x, kC * kG);
+      copy_tile_async(Ms[(c - 1) & 1], Mh + (c - 1) * a.H * kC * kC, threadIdx.x, kN);
       prefetch(c - 1);
     }
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
     const float(*Mc)[kC + 4] = Ms[c & 1];
     if (row) {
 #pragma unroll 4
-      for (int s2 = t; s2 < nvalid; ++s2) fma4(acc, Mc[t][s2], *reinterpret_cast<const float4*>(&W[s2][4 * g]));
-      *reinterpret_cast<float4*>(gbase + i * a.sy.st) = acc;
+      for (int s2 = t + part; s2 < nvalid; s2 += kS) fma4(acc, Mc[s2][t], *reinterpret_cast<const float4*>(&W[s2][4 * g]));  // (M_c^T)[t][s2]
     }
-    *reinterpret_cast<float4*>(&Gp[c & 1][t][4 * g]) = acc;
+    acc = parts_sum<kS>(acc);
+    if (row && part == 0) *reinterpret_cast<float4*>(gbase + i * a.sy.st) = acc;
+    if (part == 0) *reinterpret_cast<float4*>(&Gp[c & 1][t][4 * g]) = acc;
     __syncthreads();
   }
 }
@@ -922,7 +950,7 @@ __global__ void __launch_bounds__(kC * kG, kG == 1 ? 5 : 8 / kG)
 // Sequential chain over chunks in reverse, backward: g_c = M_c^T (dy + transposed long taps).
 template <class T, bool kLattice, int kV>
 __global__ void __launch_bounds__(kChainThreads)
-    chain_backward(KArgs a, const SeqInfo* seqs, const T* dy, const float* P, const int32_t* SRC, const float* MT, float* G) {
+    chain_backward(KArgs a, const SeqInfo* seqs, const T* dy, const float* P, const int32_t* SRC, const float* M, float* G) {
   __shared__ float Ms[kC][kC + 1];
   __shared__ float W[kC][kDS * kV];
   __shared__ float Gs[kC][kDS * kV];
@@ -942,7 +970,7 @@ __global__ void __launch_bounds__(kChainThreads)
     const int64_t c0 = c * kC, i = c0 + t;
     const bool row = i < sq.n;
     const int nvalid = static_cast<int>(lmin(kC, sq.n - c0));
-    const float* Mg = MT + ((sq.cbase + c) * a.H + h) * kC * kC;
+    const float* Mg = M + ((sq.cbase + c) * a.H + h) * kC * kC;
     float mreg[kMPer];
 #pragma unroll
     for (int r = 0; r < kMPer; ++r) mreg[r] = Mg[threadIdx.x + r * kChainThreads];
@@ -990,7 +1018,7 @@ __global__ void __launch_bounds__(kChainThreads)
 #pragma unroll
     for (int r = 0; r < kMPer; ++r) {
       const int idx = threadIdx.x + r * kChainThreads;
-      Ms[idx / kC][idx % kC] = mreg[r];
+      Ms[idx % kC][idx / kC] = mreg[r];  // M_c^T
     }
     __syncthreads();
     float g[kV];
@@ -1049,6 +1077,8 @@ __global__ void __launch_bounds__(kChainThreads)
   }
 }
 
+constexpr int kGradBatch = 8;  // entries per lane group loaded at once in grad_rows
+
 // Row-parallel coefficient gradients once g is known: dq, dv, ds (kept for dk), bias, gate.
 template <class T>
 __global__ void __launch_bounds__(kRowWarps * 32)
@@ -1067,6 +1097,72 @@ __global__ void __launch_bounds__(kRowWarps * 32)
   const int64_t c0 = (cg - sq.cbase) * kC;
   const int nvalid = static_cast<int>(lmin(kC, sq.n - c0));
   const bool softmax = a.mode == static_cast<int32_t>(Mode::Softmax);
+  if (softmax && a.lpk && a.lpk == a.lpv && S <= 32 && S <= kGradBatch * (32 / a.lpk)) {
+    // Whole row in three rounds of loads: (1) its coefficients and sources (lane e: entry e) and
+    // g; (2) every source row of y (or v) at once, 16 bytes per lane, one row per lane group;
+    // (3) every source row of k at once. The general loop below waits on two loads per entry.
+    const int lp = a.lpk, epp = 32 / lp, sub = lane & (lp - 1), grp = lane / lp;
+    for (int t = warp; t < nvalid; t += kRowWarps) {
+      const int64_t i = c0 + t, R = rid(a, sq, h, i);
+      float cl = 0.f;
+      int32_t sl = -1;
+      if (lane < S) {
+        cl = P[R * S + lane];
+        sl = lane == 0 ? static_cast<int32_t>(i) : SRC[R * a.nbl + lane - 1];
+      }
+      float gv[8];
+      load8(G + eoff(a.sy, sq, i, h) + 8 * sub, gv);
+      float x[kGradBatch][8], cu[kGradBatch], es[kGradBatch];
+      int32_t su[kGradBatch];
+#pragma unroll
+      for (int u = 0; u < kGradBatch; ++u) {
+        const int e = u * epp + grp;
+        cu[u] = __shfl_sync(0xffffffffu, cl, e & 31);
+        su[u] = __shfl_sync(0xffffffffu, sl, e & 31);
+        if (e >= S) cu[u] = 0.f;
+        if (cu[u] != 0.f) load8((e == 0 ? v + eoff(a.sv, sq, i, h) : y + eoff(a.sy, sq, su[u], h)) + 8 * sub, x[u]);
+      }
+      float part = 0.f;
+#pragma unroll
+      for (int u = 0; u < kGradBatch; ++u) {
+        es[u] = cu[u] * group_sum(cu[u] != 0.f ? dot8(gv, x[u]) : 0.f, lp);
+        part += es[u];
+      }
+      for (int o = lp; o < 32; o <<= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
+      const float delta = part;
+#pragma unroll
+      for (int u = 0; u < kGradBatch; ++u) {
+        const int e = u * epp + grp;
+        const float pe = e == 0 ? cu[u] : cu[u] / a.gamma;
+        es[u] = cu[u] != 0.f ? es[u] - pe * delta : 0.f;  // ds
+        if (sub == 0 && e < S) {
+          DS[R * S + e] = es[u];
+          if (dbias_u && cu[u] != 0.f)
+            atomicAdd(&dbias_u[unit * a.levels + (e == 0 ? a.pat.A.level_base : a.pat.B.level_base + e - 1)], es[u]);
+        }
+        if (es[u] != 0.f) load8(k + eoff(a.sk, sq, su[u], h) + 8 * sub, x[u]);
+      }
+      float acc[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) acc[j] = 0.f;
+#pragma unroll
+      for (int u = 0; u < kGradBatch; ++u)
+        if (es[u] != 0.f)
+#pragma unroll
+          for (int j = 0; j < 8; ++j) acc[j] = fmaf(es[u], x[u][j], acc[j]);
+      across_groups(acc, lp);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) acc[j] *= a.scale;
+      const float alpha = __shfl_sync(0xffffffffu, cl, 0);
+      if (grp == 0) {
+        store8(dq + eoff(a.sq, sq, i, h) + 8 * sub, acc);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) gv[j] *= alpha;
+        store8(dv + eoff(a.sv, sq, i, h) + 8 * sub, gv);
+      }
+    }
+    return;
+  }
   if (softmax && a.lpk && a.lpv) {
     // lane groups (see group_sum): one gathered row of y or k per group, 16 bytes per lane
     const int lpv = a.lpv, eppv = 32 / lpv, subv = lane & (lpv - 1), grpv = lane / lpv;
@@ -1588,9 +1684,26 @@ struct Buffers {
   int32_t* bad;  // finiteness flags (fast path)
 };
 
-Buffers carve(const CudaMix& m, const Plan& p, bool backward, void* ws, int64_t* bytes) {
+// The chunked solver's tables (P, SRC, M): written by the forward into `saved`, which the caller
+// keeps for the backward (n rows x (2 |support| + C) x 4 bytes: linear in n), so that the
+// backward does not compute them again.
+void carve_tables(const CudaMix& m, const Plan& p, void* saved, Buffers& b, int64_t* bytes) {
+  Bump bp{static_cast<char*>(saved)};
+  if (p.fast) {
+    const MixProblem& pb = m.pb;
+    const int64_t rows = pb.batch * pb.H * pb.T;
+    b.P = bp.take<float>(rows * (1 + m.nbl));
+    b.SRC = bp.take<int32_t>(rows * std::max<int32_t>(1, m.nbl));
+    b.M = bp.take<float>(p.total_chunks * pb.H * kC * kC);
+  }
+  *bytes = p.fast ? bp.off + 256 : 0;
+}
+
+Buffers carve(const CudaMix& m, const Plan& p, bool backward, void* ws, void* saved, int64_t* bytes) {
   Bump bp{static_cast<char*>(ws)};
   Buffers b{};
+  int64_t tbytes;
+  carve_tables(m, p, saved, b, &tbytes);
   const MixProblem& pb = m.pb;
   const int64_t rows = pb.batch * pb.H * pb.T;  // [B, H, T] tables
   const int64_t ny = pb.batch * pb.T * pb.H * pb.Dv, nk = pb.batch * pb.T * pb.H * pb.Dk;
@@ -1601,9 +1714,6 @@ Buffers carve(const CudaMix& m, const Plan& p, bool backward, void* ws, int64_t*
   b.bad = bp.take<int32_t>(1);
   if (p.fast) {
     const int64_t S = 1 + m.nbl;
-    b.P = bp.take<float>(rows * S);
-    b.SRC = bp.take<int32_t>(rows * std::max<int32_t>(1, m.nbl));
-    b.M = bp.take<float>(p.total_chunks * pb.H * kC * kC);
     if (backward) {
       b.G = bp.take<float>(ny);
       b.DS = bp.take<float>(rows * S);
@@ -1672,32 +1782,31 @@ bool chain4_ok(const CudaMix& m, int64_t esize, std::initializer_list<const void
   return true;
 }
 
-// Channel quads per block of the 4-channel chains (1, 2 or 4): the fewest that keep the grid
-// within kChainBlocksPerSm blocks per SM, all of them resident at once (a second wave would
-// run the whole sequential chain again). TOKMIX_CHAIN_G overrides (for measurements).
-constexpr int kChainBlocksPerSm = 2;
+// Layout of the 4-channel chains, 256 threads a block: kG channel quads x kS threads per row,
+// (kG, kS) = (1, 4), (2, 2) or (4, 1). The fewest channels per block (more blocks, more threads
+// on each step's chain) such that every block is resident at once (a second wave would run the
+// whole sequential chain again); 0 when even kG = 4 does not fit (the 512-thread chain then).
+// TOKMIX_CHAIN_G = 1, 2 or 4 forces a layout (measurements, checks).
 template <class K1, class K2, class K4>
-int chain_groups(const CudaMix& m, const Plan& p, K1 k1, K2 k2, K4 k4) {
+int chain4_groups(const CudaMix& m, const Plan& p, K1 k1, K2 k2, K4 k4) {
+  if (const char* env = std::getenv("TOKMIX_CHAIN_G")) {
+    const int g = std::atoi(env);
+    if (g == 1 || g == 2 || g == 4) return g;
+  }
   int dev = 0, sms = 0;
   TOKMIX_CU(cudaGetDevice(&dev));
   TOKMIX_CU(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
   auto resident = [&](int g) {
     int per_sm = 0;
-    if (g == 1) TOKMIX_CU(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k1, kC * 1, 0));
-    if (g == 2) TOKMIX_CU(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k2, kC * 2, 0));
-    if (g == 4) TOKMIX_CU(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k4, kC * 4, 0));
-    return static_cast<int64_t>(std::max(1, per_sm)) * sms;
+    if (g == 1) TOKMIX_CU(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k1, kChain4Threads, 0));
+    if (g == 2) TOKMIX_CU(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k2, kChain4Threads, 0));
+    if (g == 4) TOKMIX_CU(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k4, kChain4Threads, 0));
+    return static_cast<int64_t>(per_sm) * sms;
   };
   auto blocks = [&](int g) { return p.nseq * m.pb.H * ((m.pb.Dv + 4 * g - 1) / (4 * g)); };
-  if (const char* env = std::getenv("TOKMIX_CHAIN_G")) {
-    const int g = std::atoi(env);
-    if (g == 1 || g == 2 || g == 4) return g;
-  }
-  for (int g : {1, 2, 4})
-    if (blocks(g) <= std::min<int64_t>(resident(g), int64_t(kChainBlocksPerSm) * sms)) return g;
   for (int g : {1, 2, 4})
     if (blocks(g) <= resident(g)) return g;
-  return 4;
+  return 0;
 }
 
 void upload_plan(const Plan& p, const Buffers& b, cudaStream_t st) {
@@ -1734,11 +1843,12 @@ int32_t read_flags(const int32_t* dflag, cudaStream_t st) {
 }
 
 template <class T>
-int32_t forward_t(const CudaMix& m, const T* q, const T* k, const T* v, const T* bias, const T* gw, T* y, float* lse, void* ws) {
+int32_t forward_t(const CudaMix& m, const T* q, const T* k, const T* v, const T* bias, const T* gw, T* y, float* lse, void* ws,
+                  void* saved) {
   cudaStream_t st = static_cast<cudaStream_t>(m.stream);
   const Plan p = make_plan(m);
   int64_t bytes;
-  Buffers b = carve(m, p, false, ws, &bytes);
+  Buffers b = carve(m, p, false, ws, saved, &bytes);
   float* yf = b.yf ? b.yf : reinterpret_cast<float*>(y);
   upload_plan(p, b, st);
   KArgs a = kargs(m, p);
@@ -1750,16 +1860,18 @@ int32_t forward_t(const CudaMix& m, const T* q, const T* k, const T* v, const T*
     a.bad = b.bad;
     TOKMIX_CU(cudaMemsetAsync(b.bad, 0, sizeof(int32_t), st));
     const size_t sm1 = sizeof(float) * (kRowWarps * (m.pb.Dk + 1 + m.nbl) + kC * (kC + 1) + 2 * kC * p.kin);
-    allow_smem(coef_kernel<T, false>, sm1);
-    coef_kernel<T, false><<<dim3(p.total_chunks, m.pb.H), kRowWarps * 32, sm1, st>>>(a, b.seqs, b.chunk_seq, q, k, bias, gw, lse,
+    allow_smem(coef_kernel<T>, sm1);
+    coef_kernel<T><<<dim3(p.total_chunks, m.pb.H), kRowWarps * 32, sm1, st>>>(a, b.seqs, b.chunk_seq, q, k, bias, gw, lse,
                                                                                    b.P, b.SRC, b.M);
     TOKMIX_LAUNCHED("coef_kernel");
-    if (chain4_ok(m, sizeof(T), {v, y})) {
-      const int g = chain_groups(m, p, chain_forward4<T, 1>, chain_forward4<T, 2>, chain_forward4<T, 4>);
+    const int g = chain4_ok(m, sizeof(T), {v, y})
+                      ? chain4_groups(m, p, chain_forward4<T, 1, 4>, chain_forward4<T, 2, 2>, chain_forward4<T, 4, 1>)
+                      : 0;
+    if (g > 0) {
       const dim3 grid(p.nseq, m.pb.H, (m.pb.Dv + 4 * g - 1) / (4 * g));
-      if (g == 1) chain_forward4<T, 1><<<grid, kC * 1, 0, st>>>(a, b.seqs, v, b.P, b.SRC, b.M, y, yf);
-      else if (g == 2) chain_forward4<T, 2><<<grid, kC * 2, 0, st>>>(a, b.seqs, v, b.P, b.SRC, b.M, y, yf);
-      else chain_forward4<T, 4><<<grid, kC * 4, 0, st>>>(a, b.seqs, v, b.P, b.SRC, b.M, y, yf);
+      if (g == 1) chain_forward4<T, 1, 4><<<grid, kChain4Threads, 0, st>>>(a, b.seqs, v, b.P, b.SRC, b.M, y, yf);
+      else if (g == 2) chain_forward4<T, 2, 2><<<grid, kChain4Threads, 0, st>>>(a, b.seqs, v, b.P, b.SRC, b.M, y, yf);
+      else chain_forward4<T, 4, 1><<<grid, kChain4Threads, 0, st>>>(a, b.seqs, v, b.P, b.SRC, b.M, y, yf);
       TOKMIX_LAUNCHED("chain_forward4");
     } else {
       const int64_t per = chain_vec(m, p, chain_forward<T, 1>);
@@ -1783,11 +1895,11 @@ int32_t forward_t(const CudaMix& m, const T* q, const T* k, const T* v, const T*
 
 template <class T>
 int32_t backward_t(const CudaMix& m, const T* q, const T* k, const T* v, const T* bias, const T* gw, const T* y, const float* lse,
-                   const T* dy, T* dq, T* dk, T* dv, float* dbias_u, float* dgate_u, void* ws) {
+                   const T* dy, T* dq, T* dk, T* dv, float* dbias_u, float* dgate_u, void* ws, const void* saved) {
   cudaStream_t st = static_cast<cudaStream_t>(m.stream);
   const Plan p = make_plan(m);
   int64_t bytes;
-  Buffers b = carve(m, p, true, ws, &bytes);
+  Buffers b = carve(m, p, true, ws, const_cast<void*>(saved), &bytes);
   upload_plan(p, b, st);
   KArgs a = kargs(m, p);
   if (p.nseq == 0 || m.pb.H == 0) return p.fast ? 0 : -1;
@@ -1801,19 +1913,16 @@ int32_t backward_t(const CudaMix& m, const T* q, const T* k, const T* v, const T
     a.bad = b.bad;
     TOKMIX_CU(cudaMemsetAsync(b.bad, 0, sizeof(int32_t), st));
     const dim3 rows_grid(p.total_chunks, m.pb.H);
-    // lse is recomputed into the P tables' pass; the saved one is the same value
-    float* lse_scratch = b.DS;  // overwritten below by grad_rows
-    const size_t sm1 = sizeof(float) * (kRowWarps * (m.pb.Dk + 1 + m.nbl) + kC * (kC + 1) + 2 * kC * p.kin);
-    allow_smem(coef_kernel<T, true>, sm1);
-    coef_kernel<T, true><<<rows_grid, kRowWarps * 32, sm1, st>>>(a, b.seqs, b.chunk_seq, q, k, bias, gw, lse_scratch, b.P, b.SRC, b.M);
-    TOKMIX_LAUNCHED("coef_kernel(T)");
+    // P, SRC and M come from the forward (`saved`)
     const int64_t ny = m.pb.batch * m.pb.T * m.pb.H * m.pb.Dv;
-    if (!lattice && chain4_ok(m, sizeof(T), {dy})) {
-      const int g = chain_groups(m, p, chain_backward4<T, 1>, chain_backward4<T, 2>, chain_backward4<T, 4>);
+    const int g = !lattice && chain4_ok(m, sizeof(T), {dy})
+                      ? chain4_groups(m, p, chain_backward4<T, 1, 4>, chain_backward4<T, 2, 2>, chain_backward4<T, 4, 1>)
+                      : 0;
+    if (g > 0) {
       const dim3 grid(p.nseq, m.pb.H, (m.pb.Dv + 4 * g - 1) / (4 * g));
-      if (g == 1) chain_backward4<T, 1><<<grid, kC * 1, 0, st>>>(a, b.seqs, dy, b.P, b.M, b.G);
-      else if (g == 2) chain_backward4<T, 2><<<grid, kC * 2, 0, st>>>(a, b.seqs, dy, b.P, b.M, b.G);
-      else chain_backward4<T, 4><<<grid, kC * 4, 0, st>>>(a, b.seqs, dy, b.P, b.M, b.G);
+      if (g == 1) chain_backward4<T, 1, 4><<<grid, kChain4Threads, 0, st>>>(a, b.seqs, dy, b.P, b.M, b.G);
+      else if (g == 2) chain_backward4<T, 2, 2><<<grid, kChain4Threads, 0, st>>>(a, b.seqs, dy, b.P, b.M, b.G);
+      else chain_backward4<T, 4, 1><<<grid, kChain4Threads, 0, st>>>(a, b.seqs, dy, b.P, b.M, b.G);
       TOKMIX_LAUNCHED("chain_backward4");
     } else {
       if (lattice) TOKMIX_CU(cudaMemsetAsync(b.G, 0, sizeof(float) * ny, st));
@@ -1885,7 +1994,15 @@ bool mix_cuda_fast_path(const CudaMix& m) {
 int64_t mix_cuda_workspace_bytes(const CudaMix& m, bool backward) {
   const Plan p = make_plan(m);
   int64_t bytes;
-  carve(m, p, backward, nullptr, &bytes);
+  carve(m, p, backward, nullptr, nullptr, &bytes);
+  return bytes;
+}
+
+int64_t mix_cuda_saved_bytes(const CudaMix& m) {
+  const Plan p = make_plan(m);
+  Buffers b{};
+  int64_t bytes;
+  carve_tables(m, p, nullptr, b, &bytes);
   return bytes;
 }
 
@@ -1897,21 +2014,21 @@ int64_t mix_cuda_workspace_bytes(const CudaMix& m, bool backward) {
   }
 
 int32_t mix_forward_cuda(const CudaMix& m, const void* q, const void* k, const void* v, const void* bias, const void* gate_w, void* y,
-                         float* lse, void* ws) {
+                         float* lse, void* ws, void* saved) {
   int32_t flags = -1;
   TOKMIX_DISPATCH(m.dtype, flags = forward_t<T>(m, static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
-                                        static_cast<const T*>(bias), static_cast<const T*>(gate_w), static_cast<T*>(y), lse, ws));
+                                        static_cast<const T*>(bias), static_cast<const T*>(gate_w), static_cast<T*>(y), lse, ws, saved));
   return flags;
 }
 
 int32_t mix_backward_cuda(const CudaMix& m, const void* q, const void* k, const void* v, const void* bias, const void* gate_w,
                           const void* y, const float* lse, const void* dy, void* dq, void* dk, void* dv, float* dbias_units,
-                          float* dgate_units, void* ws) {
+                          float* dgate_units, void* ws, const void* saved) {
   int32_t flags = -1;
   TOKMIX_DISPATCH(m.dtype, flags = backward_t<T>(m, static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
                                          static_cast<const T*>(bias), static_cast<const T*>(gate_w), static_cast<const T*>(y), lse,
                                          static_cast<const T*>(dy), static_cast<T*>(dq), static_cast<T*>(dk), static_cast<T*>(dv),
-                                         dbias_units, dgate_units, ws));
+                                         dbias_units, dgate_units, ws, saved));
   return flags;
 }
 
