@@ -1077,8 +1077,6 @@ __global__ void __launch_bounds__(kChainThreads)
   }
 }
 
-constexpr int kGradBatch = 8;  // entries per lane group loaded at once in grad_rows
-
 // Row-parallel coefficient gradients once g is known: dq, dv, ds (kept for dk), bias, gate.
 template <class T>
 __global__ void __launch_bounds__(kRowWarps * 32)
@@ -1097,72 +1095,6 @@ __global__ void __launch_bounds__(kRowWarps * 32)
   const int64_t c0 = (cg - sq.cbase) * kC;
   const int nvalid = static_cast<int>(lmin(kC, sq.n - c0));
   const bool softmax = a.mode == static_cast<int32_t>(Mode::Softmax);
-  if (softmax && a.lpk && a.lpk == a.lpv && S <= 32 && S <= kGradBatch * (32 / a.lpk)) {
-    // Whole row in three rounds of loads: (1) its coefficients and sources (lane e: entry e) and
-    // g; (2) every source row of y (or v) at once, 16 bytes per lane, one row per lane group;
-    // (3) every source row of k at once. The general loop below waits on two loads per entry.
-    const int lp = a.lpk, epp = 32 / lp, sub = lane & (lp - 1), grp = lane / lp;
-    for (int t = warp; t < nvalid; t += kRowWarps) {
-      const int64_t i = c0 + t, R = rid(a, sq, h, i);
-      float cl = 0.f;
-      int32_t sl = -1;
-      if (lane < S) {
-        cl = P[R * S + lane];
-        sl = lane == 0 ? static_cast<int32_t>(i) : SRC[R * a.nbl + lane - 1];
-      }
-      float gv[8];
-      load8(G + eoff(a.sy, sq, i, h) + 8 * sub, gv);
-      float x[kGradBatch][8], cu[kGradBatch], es[kGradBatch];
-      int32_t su[kGradBatch];
-#pragma unroll
-      for (int u = 0; u < kGradBatch; ++u) {
-        const int e = u * epp + grp;
-        cu[u] = __shfl_sync(0xffffffffu, cl, e & 31);
-        su[u] = __shfl_sync(0xffffffffu, sl, e & 31);
-        if (e >= S) cu[u] = 0.f;
-        if (cu[u] != 0.f) load8((e == 0 ? v + eoff(a.sv, sq, i, h) : y + eoff(a.sy, sq, su[u], h)) + 8 * sub, x[u]);
-      }
-      float part = 0.f;
-#pragma unroll
-      for (int u = 0; u < kGradBatch; ++u) {
-        es[u] = cu[u] * group_sum(cu[u] != 0.f ? dot8(gv, x[u]) : 0.f, lp);
-        part += es[u];
-      }
-      for (int o = lp; o < 32; o <<= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
-      const float delta = part;
-#pragma unroll
-      for (int u = 0; u < kGradBatch; ++u) {
-        const int e = u * epp + grp;
-        const float pe = e == 0 ? cu[u] : cu[u] / a.gamma;
-        es[u] = cu[u] != 0.f ? es[u] - pe * delta : 0.f;  // ds
-        if (sub == 0 && e < S) {
-          DS[R * S + e] = es[u];
-          if (dbias_u && cu[u] != 0.f)
-            atomicAdd(&dbias_u[unit * a.levels + (e == 0 ? a.pat.A.level_base : a.pat.B.level_base + e - 1)], es[u]);
-        }
-        if (es[u] != 0.f) load8(k + eoff(a.sk, sq, su[u], h) + 8 * sub, x[u]);
-      }
-      float acc[8];
-#pragma unroll
-      for (int j = 0; j < 8; ++j) acc[j] = 0.f;
-#pragma unroll
-      for (int u = 0; u < kGradBatch; ++u)
-        if (es[u] != 0.f)
-#pragma unroll
-          for (int j = 0; j < 8; ++j) acc[j] = fmaf(es[u], x[u][j], acc[j]);
-      across_groups(acc, lp);
-#pragma unroll
-      for (int j = 0; j < 8; ++j) acc[j] *= a.scale;
-      const float alpha = __shfl_sync(0xffffffffu, cl, 0);
-      if (grp == 0) {
-        store8(dq + eoff(a.sq, sq, i, h) + 8 * sub, acc);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) gv[j] *= alpha;
-        store8(dv + eoff(a.sv, sq, i, h) + 8 * sub, gv);
-      }
-    }
-    return;
-  }
   if (softmax && a.lpk && a.lpv) {
     // lane groups (see group_sum): one gathered row of y or k per group, 16 bytes per lane
     const int lpv = a.lpv, eppv = 32 / lpv, subv = lane & (lpv - 1), grpv = lane / lpv;
@@ -1864,7 +1796,9 @@ int32_t forward_t(const CudaMix& m, const T* q, const T* k, const T* v, const T*
     coef_kernel<T><<<dim3(p.total_chunks, m.pb.H), kRowWarps * 32, sm1, st>>>(a, b.seqs, b.chunk_seq, q, k, bias, gw, lse,
                                                                                    b.P, b.SRC, b.M);
     TOKMIX_LAUNCHED("coef_kernel");
-    const int g = chain4_ok(m, sizeof(T), {v, y})
+    // levels past kPF are read inside the step: long lattices (sq1-lattice: ~256 levels) run
+    // faster on the 512-thread chain (measured, see docs/perf-notes.md)
+    const int g = chain4_ok(m, sizeof(T), {v, y}) && (m.nbl <= kPF || std::getenv("TOKMIX_CHAIN_G"))
                       ? chain4_groups(m, p, chain_forward4<T, 1, 4>, chain_forward4<T, 2, 2>, chain_forward4<T, 4, 1>)
                       : 0;
     if (g > 0) {
