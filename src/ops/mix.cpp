@@ -347,7 +347,7 @@ class MixFunction : public torch::autograd::Function<MixFunction> {
   }
 
   static void run_forward(const Pattern& pat, const Checked& c, const Tensor& qh, const Tensor& kh, const Tensor& vh,
-                          const Tensor& bias, const Tensor& gate_w, Tensor& yh, Tensor& lse, Tensor& tables) {
+                          const Tensor& bias, const Tensor& gate_w, Tensor& yh, Tensor& lse, [[maybe_unused]] Tensor& tables) {
     if (c.pb.T == 0) return;
     kernels::MixProblem pb = problem(c, qh, kh, vh, yh);
     const PatternDesc d = pat.desc();
@@ -374,7 +374,7 @@ class MixFunction : public torch::autograd::Function<MixFunction> {
   }
 
   static void run_backward(const Pattern& pat, const Checked& c, const Tensor& qh, const Tensor& kh, const Tensor& vh,
-                           const Tensor& bias, const Tensor& gate_w, const Tensor& yh, const Tensor& lse, const Tensor& tables, const Tensor& dyh,
+                           const Tensor& bias, const Tensor& gate_w, const Tensor& yh, const Tensor& lse, [[maybe_unused]] const Tensor& tables, const Tensor& dyh,
                            Tensor& dq, Tensor& dk, Tensor& dv, Tensor& dbias_u, Tensor& dgate_u) {
     if (c.pb.T == 0) return;
     kernels::MixProblem pb = problem(c, qh, kh, vh, yh);
