@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <functional>
 #include <random>
 #include <sstream>
@@ -160,6 +161,33 @@ void check_decode_nan(const std::string& spec) {
   }
   std::printf("%s decode NaN flag %s: %s\n", ok ? "PASS" : "FAIL", spec.c_str(), msg.c_str());
   (ok ? g_pass : g_fail)++;
+}
+
+// A NaN in q, k, v (forward) or dy (backward) of a CUDA mix must raise an error naming it (the
+// chunked solver checks while it reads, the generic one beforehand), never return quietly.
+void check_mix_nan(const std::string& spec, torch::ScalarType dt) {
+  auto pat = pattern_from_spec(spec);
+  auto gpu = torch::TensorOptions().device(torch::kCUDA).dtype(dt);
+  const char* names[] = {"q", "k", "v", "dy"};
+  for (int which = 0; which < 4; ++which) {
+    Tensor t[4];
+    for (auto& x : t) x = torch::randn({2, 300, 2, 64}, gpu);
+    t[which].view(-1)[std::rand() % t[which].numel()] = NAN;
+    std::string msg;
+    bool thrown = false;
+    try {
+      Tensor q = t[0].requires_grad_(), k = t[1].requires_grad_(), v = t[2].requires_grad_();
+      Tensor y = mix(q, k, v, *pat);
+      torch::autograd::grad({y}, {q, k, v}, {t[3]});
+    } catch (const std::exception& e) {
+      thrown = true;
+      msg = e.what();
+    }
+    const bool ok = thrown && msg.find(std::string(names[which]) + " contains NaN") != std::string::npos;
+    std::printf("%s mix NaN in %s %s %s: %s\n", ok ? "PASS" : "FAIL", names[which], spec.c_str(), dt == torch::kFloat32 ? "fp32" : "bf16",
+                thrown ? msg.c_str() : "no error");
+    (ok ? g_pass : g_fail)++;
+  }
 }
 
 // Median of `reps` CUDA-event timings of fn (after warm-up), in ms.
@@ -344,6 +372,20 @@ int main(int argc, char** argv) {
     for (const char* s : {"pow2", "sq1-lattice", "pow2-lattice", "sq1"})
       check_case({s, "softmax", 1, 1500, 2, 32, 32, false, 1.0, {}}, dt);  // long: far taps, lattice runs
   }
+  // the chunked solver has two chains and three layouts of one, chosen by size: the same cases
+  // again with the 512-thread chain forced (small problems take the 4-channel one)
+  setenv("TOKMIX_CUDA_VARIANT", "1", 1);
+  std::printf("-- again with the 512-thread chain forced (TOKMIX_CUDA_VARIANT=1)\n");
+  for (auto dt : {torch::kFloat32, torch::kBFloat16})
+    for (const char* s : {"first-order", "recurrence:3", "pow2", "sq1", "pow2-lattice", "sq1-lattice", "f:1,3,9", "f:2*k+1-lattice"}) {
+      for (std::string mode : {"softmax", "gate"}) {
+        check_case({s, mode, 1, 200, 2, 64, 64, true, 0.9, {}}, dt);
+        check_case({s, mode, 1, 0, 2, 8, 8, true, 1.0, {5, 1, 23, 0, 11, 130}}, dt);
+      }
+      check_case({s, "softmax", 1, 1, 1, 4, 4, true, 1.0, {}}, dt);
+      check_case({s, "softmax", 1, 1500, 2, 32, 32, false, 1.0, {}}, dt);
+    }
+  unsetenv("TOKMIX_CUDA_VARIANT");
   for (const auto& s : specs)
     for (std::string mode : {"softmax", "gate"})
       for (int64_t pf : {0L, 1L, 33L}) check_decode(s, mode, pf);
@@ -351,6 +393,8 @@ int main(int argc, char** argv) {
   for (const char* s : {"pow2-lattice", "sq1-lattice", "f:2*k+1-lattice"})
     for (int64_t pf : {0L, 257L}) check_decode(s, "softmax", pf, 700);
   for (const char* s : {"pow2-lattice", "pow2", "first-order"}) check_decode_nan(s);
+  for (const char* s : {"pow2", "sq1-lattice", "attention"})
+    for (auto dt : {torch::kFloat32, torch::kBFloat16}) check_mix_nan(s, dt);
   std::printf("correctness: %d passed, %d failed\n", g_pass, g_fail);
   if (bench) {
     bench_shape(4, 4096, 16, 64);

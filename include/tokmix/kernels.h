@@ -88,17 +88,25 @@ struct CudaMix {
 
 // Scratch the op needs on the device (bytes), allocated by the caller and passed as `ws`.
 int64_t mix_cuda_workspace_bytes(const CudaMix& m, bool backward);
+// Tables the forward writes for the backward (bytes; 0 for the generic solver), passed as
+// `saved` to both: coefficients, sources and the chunk inverses, n x (2 |support| + 64) x 4
+// bytes. The caller keeps them from forward to backward (the backward does not recompute them).
+int64_t mix_cuda_saved_bytes(const CudaMix& m);
 // Whether the chunked solver (A = self, sparse B) serves this problem; otherwise the generic one.
 bool mix_cuda_fast_path(const CudaMix& m);
 
+// Finiteness: the chunked solver checks q, k, v (forward) and dy (backward) while it reads
+// them and returns a mask of the ones that held NaN or Inf (bit 0 q, 1 k, 2 v, 3 dy; this costs
+// one 4-byte copy and a stream sync); the generic solver checks nothing and returns -1, so the
+// caller checks those itself.
 // Forward: y [B,T,H,Dv] in the input type, lse [B,H,T] in float32.
-void mix_forward_cuda(const CudaMix& m, const void* q, const void* k, const void* v, const void* bias,
-                      const void* gate_w, void* y, float* lse, void* ws);
+int32_t mix_forward_cuda(const CudaMix& m, const void* q, const void* k, const void* v, const void* bias,
+                         const void* gate_w, void* y, float* lse, void* ws, void* saved);
 // Backward: dq, dk, dv written in full (no zero fill needed); dbias_units [units, levels] and
 // dgate_units [units, levels, Dk] are float32, zero-filled, may be null when unused.
-void mix_backward_cuda(const CudaMix& m, const void* q, const void* k, const void* v, const void* bias,
+int32_t mix_backward_cuda(const CudaMix& m, const void* q, const void* k, const void* v, const void* bias,
                        const void* gate_w, const void* y, const float* lse, const void* dy, void* dq, void* dk, void* dv,
-                       float* dbias_units, float* dgate_units, void* ws);
+                       float* dbias_units, float* dgate_units, void* ws, const void* saved);
 
 // Decode state that lives on the device between steps, so that a CUDA step needs no copy and no
 // host synchronisation: positions and (lattice) the slot table, double-buffered. A step reads

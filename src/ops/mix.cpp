@@ -154,12 +154,27 @@ Tensor to_heads(const Tensor& t, const char* name) {
     if (!finite) bad(std::string(name) + " contains NaN or Inf; expected finite values");
     return out;
   }
-  check_finite(t, name);
-  // the CUDA kernels read [B, T, H, D] as it is (a relayout would cost more than their forward)
+  // the CUDA kernels read [B, T, H, D] as it is (a relayout would cost more than their forward),
+  // and check finiteness while they read it (see finite_or_throw)
   if (t.is_cuda()) return t.contiguous();
+  check_finite(t, name);
   return t.transpose(1, 2).contiguous();
 }
 // The logical [B, T, H, D] view of a tensor in kernel layout.
+#ifdef TOKMIX_WITH_CUDA
+// After a CUDA kernel: its finiteness mask (bit per input, see kernels.h) or, when it checked
+// nothing (-1), a check of the inputs here. Each named input is checked, none is skipped.
+void finite_or_throw(int32_t flags, std::initializer_list<std::pair<const Tensor*, const char*>> ins) {
+  int bit = 0;
+  for (const auto& in : ins) {
+    if (flags < 0)
+      check_finite(*in.first, in.second);
+    else if (flags & (1 << bit))
+      bad(std::string(in.second) + " contains NaN or Inf; expected finite values");
+    ++bit;
+  }
+}
+#endif
 Tensor from_heads(const Tensor& th) { return th.is_cuda() ? th : th.transpose(1, 2); }
 kernels::Strides heads_strides(const Tensor& th) {  // th is [B, H, T, D] contiguous ([B, T, H, D] on CUDA)
   if (th.is_cuda()) return {th.stride(0), th.stride(1), th.stride(2)};
@@ -276,8 +291,9 @@ class MixFunction : public torch::autograd::Function<MixFunction> {
     Tensor yh = q.is_cuda() ? torch::empty({c.pb.batch, c.pb.T, c.pb.H, c.pb.Dv}, v.options())
                             : torch::empty({c.pb.batch, c.pb.H, c.pb.T, c.pb.Dv}, v.options());
     Tensor lse = torch::empty({c.pb.batch, c.pb.H, c.pb.T}, q.is_cuda() ? q.options().dtype(torch::kFloat32) : q.options());
-    run_forward(*pat, c, qh, kh, vh, bias, gate_w, yh, lse);
-    ctx->save_for_backward({qh, kh, vh, yh, lse, placeholder(bias), placeholder(gate_w), placeholder(cu)});
+    Tensor tables;  // CUDA chunked solver: coefficient tables the backward reads
+    run_forward(*pat, c, qh, kh, vh, bias, gate_w, yh, lse, tables);
+    ctx->save_for_backward({qh, kh, vh, yh, lse, placeholder(bias), placeholder(gate_w), placeholder(cu), placeholder(tables)});
     ctx->saved_data["spec"] = spec;
     ctx->saved_data["mode"] = mode;
     ctx->saved_data["scale"] = scale;
@@ -288,7 +304,7 @@ class MixFunction : public torch::autograd::Function<MixFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto saved = ctx->get_saved_variables();
     Tensor qh = saved[0], kh = saved[1], vh = saved[2], yh = saved[3], lse = saved[4], bias = absent_if_empty(saved[5]),
-           gate_w = absent_if_empty(saved[6]), cu = absent_if_empty(saved[7]);
+           gate_w = absent_if_empty(saved[6]), cu = absent_if_empty(saved[7]), tables = absent_if_empty(saved[8]);
     auto pat = pattern_from_spec(ctx->saved_data["spec"].toStringRef());
     MixOptions opt;
     opt.mode = ctx->saved_data["mode"].toStringRef();
@@ -312,7 +328,7 @@ class MixFunction : public torch::autograd::Function<MixFunction> {
     auto popt = q.is_cuda() ? q.options().dtype(torch::kFloat32) : q.options();
     Tensor dbias_u = bias.defined() ? torch::zeros({units, c.pb.levels}, popt) : Tensor();
     Tensor dgate_u = gate ? torch::zeros({units, c.pb.levels, c.pb.Dk}, popt) : Tensor();
-    run_backward(*pat, c, qh, kh, vh, bias, gate_w, yh, lse, dyh, dq, dk, dv, dbias_u, dgate_u);
+    run_backward(*pat, c, qh, kh, vh, bias, gate_w, yh, lse, tables, dyh, dq, dk, dv, dbias_u, dgate_u);
     Tensor dbias = bias.defined() ? dbias_u.view({units / c.pb.H, c.pb.H, c.pb.levels}).sum(0).to(q.scalar_type()) : Tensor();
     Tensor dgate = gate ? dgate_u.view({units / c.pb.H, c.pb.H, c.pb.levels, c.pb.Dk}).sum(0).to(q.scalar_type()) : Tensor();
     return {from_heads(dq), gate ? Tensor() : from_heads(dk), from_heads(dv), dbias, dgate, Tensor(),
@@ -331,7 +347,7 @@ class MixFunction : public torch::autograd::Function<MixFunction> {
   }
 
   static void run_forward(const Pattern& pat, const Checked& c, const Tensor& qh, const Tensor& kh, const Tensor& vh,
-                          const Tensor& bias, const Tensor& gate_w, Tensor& yh, Tensor& lse) {
+                          const Tensor& bias, const Tensor& gate_w, Tensor& yh, Tensor& lse, [[maybe_unused]] Tensor& tables) {
     if (c.pb.T == 0) return;
     kernels::MixProblem pb = problem(c, qh, kh, vh, yh);
     const PatternDesc d = pat.desc();
@@ -340,7 +356,11 @@ class MixFunction : public torch::autograd::Function<MixFunction> {
 #ifdef TOKMIX_WITH_CUDA
       kernels::CudaMix m = cuda_problem(pat, c, pb, qh);
       Tensor ws = torch::empty({kernels::mix_cuda_workspace_bytes(m, false)}, qh.options().dtype(torch::kUInt8));
-      kernels::mix_forward_cuda(m, cptr(qh), cptr(kh), cptr(vh), cptr(b), cptr(g), mptr(yh), lse.data_ptr<float>(), ws.data_ptr());
+      const int64_t tb = kernels::mix_cuda_saved_bytes(m);
+      if (tb > 0) tables = torch::empty({tb}, qh.options().dtype(torch::kUInt8));
+      const int32_t flags = kernels::mix_forward_cuda(m, cptr(qh), cptr(kh), cptr(vh), cptr(b), cptr(g), mptr(yh), lse.data_ptr<float>(),
+                                                      ws.data_ptr(), tb > 0 ? tables.data_ptr() : nullptr);
+      finite_or_throw(flags, {{&qh, "q"}, {&kh, "k"}, {&vh, "v"}});
       return;
 #else
       bad("this build has no CUDA backend (configure with -DTOKMIX_CUDA=ON)");
@@ -354,7 +374,7 @@ class MixFunction : public torch::autograd::Function<MixFunction> {
   }
 
   static void run_backward(const Pattern& pat, const Checked& c, const Tensor& qh, const Tensor& kh, const Tensor& vh,
-                           const Tensor& bias, const Tensor& gate_w, const Tensor& yh, const Tensor& lse, const Tensor& dyh,
+                           const Tensor& bias, const Tensor& gate_w, const Tensor& yh, const Tensor& lse, [[maybe_unused]] const Tensor& tables, const Tensor& dyh,
                            Tensor& dq, Tensor& dk, Tensor& dv, Tensor& dbias_u, Tensor& dgate_u) {
     if (c.pb.T == 0) return;
     kernels::MixProblem pb = problem(c, qh, kh, vh, yh);
@@ -364,9 +384,17 @@ class MixFunction : public torch::autograd::Function<MixFunction> {
 #ifdef TOKMIX_WITH_CUDA
       kernels::CudaMix m = cuda_problem(pat, c, pb, qh);
       Tensor ws = torch::empty({kernels::mix_cuda_workspace_bytes(m, true)}, qh.options().dtype(torch::kUInt8));
+      const int64_t tb = kernels::mix_cuda_saved_bytes(m);
+      if (tb > 0 && !(tables.defined() && tables.numel() == tb && tables.is_cuda()))
+        bad("the saved coefficient tables are missing or of another size (" + std::to_string(tables.defined() ? tables.numel() : 0) +
+            " bytes; expected " + std::to_string(tb) + ")");
       auto fptr = [](const Tensor& t) { return t.defined() && t.numel() > 0 ? t.data_ptr<float>() : nullptr; };
-      kernels::mix_backward_cuda(m, cptr(qh), cptr(kh), cptr(vh), cptr(b), cptr(g), cptr(yh), lse.data_ptr<float>(), cptr(dyh),
-                                 mptr(dq), mptr(dk), mptr(dv), fptr(dbias_u), fptr(dgate_u), ws.data_ptr());
+      const int32_t flags = kernels::mix_backward_cuda(m, cptr(qh), cptr(kh), cptr(vh), cptr(b), cptr(g), cptr(yh), lse.data_ptr<float>(),
+                                                       cptr(dyh), mptr(dq), mptr(dk), mptr(dv), fptr(dbias_u), fptr(dgate_u), ws.data_ptr(),
+                                                       tb > 0 ? tables.data_ptr() : nullptr);
+      // q, k, v were checked by the forward; dy is bit 3
+      const Tensor none;
+      finite_or_throw(flags < 0 ? flags : (flags & 8), {{&none, "q"}, {&none, "k"}, {&none, "v"}, {&dyh, "dy"}});
       return;
 #else
       bad("this build has no CUDA backend (configure with -DTOKMIX_CUDA=ON)");

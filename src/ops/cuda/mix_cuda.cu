@@ -17,10 +17,13 @@
 //    each run and added with one atomic per run.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_pipeline.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <initializer_list>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
@@ -84,6 +87,84 @@ __device__ __forceinline__ void load8(const __half* p, float* o) {
     o[2 * j] = f.x;
     o[2 * j + 1] = f.y;
   }
+}
+
+// Eight consecutive elements stored from floats; p must be 16-byte aligned.
+__device__ __forceinline__ void store8(float* p, const float* o) {
+  *reinterpret_cast<float4*>(p) = make_float4(o[0], o[1], o[2], o[3]);
+  *reinterpret_cast<float4*>(p + 4) = make_float4(o[4], o[5], o[6], o[7]);
+}
+__device__ __forceinline__ void store8(__nv_bfloat16* p, const float* o) {
+  uint4 u;
+  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&u);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) h[j] = __floats2bfloat162_rn(o[2 * j], o[2 * j + 1]);
+  *reinterpret_cast<uint4*>(p) = u;
+}
+__device__ __forceinline__ void store8(__half* p, const float* o) {
+  uint4 u;
+  __half2* h = reinterpret_cast<__half2*>(&u);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) h[j] = __floats2half2_rn(o[2 * j], o[2 * j + 1]);
+  *reinterpret_cast<uint4*>(p) = u;
+}
+// Four consecutive elements; p aligned to 4 elements.
+__device__ __forceinline__ float4 load4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+__device__ __forceinline__ float4 load4(const __nv_bfloat16* p) {
+  uint2 u = *reinterpret_cast<const uint2*>(p);
+  const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u.x));
+  const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u.y));
+  return make_float4(a.x, a.y, b.x, b.y);
+}
+__device__ __forceinline__ float4 load4(const __half* p) {
+  uint2 u = *reinterpret_cast<const uint2*>(p);
+  const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&u.x));
+  const float2 b = __half22float2(*reinterpret_cast<const __half2*>(&u.y));
+  return make_float4(a.x, a.y, b.x, b.y);
+}
+__device__ __forceinline__ void store4(float* p, float4 x) { *reinterpret_cast<float4*>(p) = x; }
+__device__ __forceinline__ void store4(__nv_bfloat16* p, float4 x) {
+  uint2 u;
+  *reinterpret_cast<__nv_bfloat162*>(&u.x) = __floats2bfloat162_rn(x.x, x.y);
+  *reinterpret_cast<__nv_bfloat162*>(&u.y) = __floats2bfloat162_rn(x.z, x.w);
+  *reinterpret_cast<uint2*>(p) = u;
+}
+__device__ __forceinline__ void store4(__half* p, float4 x) {
+  uint2 u;
+  *reinterpret_cast<__half2*>(&u.x) = __floats2half2_rn(x.x, x.y);
+  *reinterpret_cast<__half2*>(&u.y) = __floats2half2_rn(x.z, x.w);
+  *reinterpret_cast<uint2*>(p) = u;
+}
+__device__ __forceinline__ void fma4(float4& acc, float s, const float4& x) {
+  acc.x = fmaf(s, x.x, acc.x);
+  acc.y = fmaf(s, x.y, acc.y);
+  acc.z = fmaf(s, x.z, acc.z);
+  acc.w = fmaf(s, x.w, acc.w);
+}
+__device__ __forceinline__ bool finite8(const float* x) {
+  bool ok = true;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) ok = ok && isfinite(x[j]);
+  return ok;
+}
+
+// Lane groups: a warp splits into groups of `lpe` lanes (a power of two, D / 8), lane `sub` of a
+// group holding channels [8 sub, 8 sub + 8) of one row, so that one row is one coalesced read.
+__device__ __forceinline__ float group_sum(float v, int lpe) {
+  for (int o = lpe >> 1; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+// Sums eight per-lane partials over the groups of a warp (lanes equal modulo lpe).
+__device__ __forceinline__ void across_groups(float* acc, int lpe) {
+  for (int o = lpe; o < 32; o <<= 1)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], o);
+}
+__device__ __forceinline__ float dot8(const float* a, const float* b) {
+  float s = 0.f;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) s = fmaf(a[j], b[j], s);
+  return s;
 }
 
 // Dot of a float vector (shared memory) with a row in storage type.
@@ -204,6 +285,10 @@ struct KArgs {
   float scale, gamma;
   int32_t nbl, kin;  // B levels; levels that can land inside a chunk (prefix)
   int64_t cap;       // generic: entries per row, at most
+  // Lanes per row in the lane-group paths (Dk / 8, Dv / 8; 0 when the widths, strides or
+  // pointers do not allow 16-byte pieces) and whether rows allow 4-wide pieces (Dv % 4 == 0).
+  int32_t lpk, lpv;
+  int32_t* bad;  // bit 0: q, 1: k, 2: v, 3: dy held NaN/Inf (null: not checked here)
 };
 
 __device__ __forceinline__ int64_t eoff(const Strides& s, const SeqInfo& q, int64_t t, int64_t h) {
@@ -382,7 +467,7 @@ __global__ void __launch_bounds__(kGenThreads)
 // beta of level k (0 when absent or merged); SRC[R][k] = source row within the sequence (-1
 // when absent). M[(chunk*H + h)][C][C] = (I - B_cc)^{-1} (or its transpose for backward).
 
-template <class T, bool kTransposeM>
+template <class T>
 __global__ void __launch_bounds__(kRowWarps * 32)
     coef_kernel(KArgs a, const SeqInfo* seqs, const int32_t* chunk_seq, const T* q, const T* k, const T* bias, const T* gw,
                 float* lse, float* P, int32_t* SRC, float* M) {
@@ -399,17 +484,75 @@ __global__ void __launch_bounds__(kRowWarps * 32)
   for (int t = warp; t < nvalid; t += kRowWarps) {
     const int64_t i = c0 + t, R = rid(a, sq, h, i);
     const T* qi = q + eoff(a.sq, sq, i, h);
-    for (int d = lane; d < a.Dk; d += 32) qs[d] = to_f(qi[d]);
-    __syncwarp();
+    const bool softmax = a.mode == static_cast<int32_t>(Mode::Softmax);
     float mx = -INFINITY;
-    for (int e = lane; e < S; e += 32) {
-      int64_t pos = i;
-      int32_t lvl = a.pat.A.level_base;
-      const bool ok = e == 0 || side_entry(a.pat.B, true, i, e - 1, pos, lvl);
-      const float s = ok ? score_of(a, qs, k, sq, h, pos, lvl, bias, gw) : -INFINITY;
-      ss[e] = s;
-      mx = fmaxf(mx, s);
-      if (e > 0) SRC[R * a.nbl + e - 1] = ok ? static_cast<int32_t>(pos) : -1;
+    if (a.lpk && a.pat.B.kind == SupportKind::Offsets) {
+      // lane groups: one row of k (or of the gate table) per group, 16 bytes per lane (offsets
+      // only: a lattice row has many merged levels, and resolving each once per lane costs more)
+      const int lpe = a.lpk, epp = 32 / lpe, sub = lane & (lpe - 1), grp = lane / lpe;
+      float qv[8];
+      load8(qi + 8 * sub, qv);
+      if (a.bad && grp == 0 && !finite8(qv)) atomicOr(a.bad, 1);
+      for (int e0 = 0; e0 < S; e0 += 2 * epp) {
+        float x[2][8];
+        int32_t lv[2];
+        bool ok[2];
+        int64_t ps[2];
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          const int e = e0 + u * epp + grp;
+          int64_t pos = i;
+          int32_t lvl = a.pat.A.level_base;
+          ok[u] = e < S && (e == 0 || side_entry(a.pat.B, true, i, e - 1, pos, lvl));
+          ps[u] = pos;
+          lv[u] = lvl;
+          if (ok[u]) {
+            const T* row = softmax ? k + eoff(a.sk, sq, pos, h) : gw + (h * a.levels + lvl) * a.Dk;
+            load8(row + 8 * sub, x[u]);
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          const int e = e0 + u * epp + grp;
+          float s = group_sum(ok[u] ? dot8(qv, x[u]) : 0.f, lpe);
+          if (ok[u]) {
+            s = softmax ? a.scale * s : s;
+            if (bias) s += to_f(bias[h * a.levels + lv[u]]);
+            if (e == 0 && softmax && a.bad && !finite8(x[u])) atomicOr(a.bad, 2);
+          } else {
+            s = -INFINITY;
+          }
+          if (sub == 0 && e < S) {
+            ss[e] = s;
+            if (e > 0) SRC[R * a.nbl + e - 1] = ok[u] ? static_cast<int32_t>(ps[u]) : -1;
+          }
+        }
+      }
+      __syncwarp();
+      for (int e = lane; e < S; e += 32) mx = fmaxf(mx, ss[e]);
+    } else {
+      bool fin = true;
+      for (int d = lane; d < a.Dk; d += 32) {
+        qs[d] = to_f(qi[d]);
+        fin = fin && isfinite(qs[d]);
+      }
+      if (a.bad && !fin) atomicOr(a.bad, 1);
+      if (a.bad && softmax) {
+        const T* ki = k + eoff(a.sk, sq, i, h);
+        fin = true;
+        for (int d = lane; d < a.Dk; d += 32) fin = fin && isfinite(to_f(ki[d]));
+        if (!fin) atomicOr(a.bad, 2);
+      }
+      __syncwarp();
+      for (int e = lane; e < S; e += 32) {
+        int64_t pos = i;
+        int32_t lvl = a.pat.A.level_base;
+        const bool ok = e == 0 || side_entry(a.pat.B, true, i, e - 1, pos, lvl);
+        const float s = ok ? score_of(a, qs, k, sq, h, pos, lvl, bias, gw) : -INFINITY;
+        ss[e] = s;
+        mx = fmaxf(mx, s);
+        if (e > 0) SRC[R * a.nbl + e - 1] = ok ? static_cast<int32_t>(pos) : -1;
+      }
     }
     mx = warp_max(mx);
     float sum = 0.f;
@@ -445,21 +588,42 @@ __global__ void __launch_bounds__(kRowWarps * 32)
   // Column j of M = (I - B_cc)^{-1} depends only on column j: one thread per column, no barrier.
   if (threadIdx.x < kC) {
     const int j = threadIdx.x;
-    for (int t = 0; t < kC; ++t) {
-      float mval = t == j ? 1.f : 0.f;
-      if (t > j)
-        for (int kk = 0; kk < a.kin; ++kk) {
-          const int sl = tsrc[t * a.kin + kk];
-          if (sl >= j && sl < t) mval = fmaf(tp[t * a.kin + kk], Ms[sl * (kC + 1) + j], mval);
+    if (a.kin <= 8) {
+      // unrolled so that a row's loads go out together (pow2 has 6 in-chunk levels)
+      for (int t = 0; t < kC; ++t) {
+        float mval = t == j ? 1.f : 0.f;
+        if (t > j) {
+          float part[8];
+#pragma unroll
+          for (int kk = 0; kk < 8; ++kk) {
+            part[kk] = 0.f;
+            if (kk < a.kin) {
+              const int sl = tsrc[t * a.kin + kk];
+              if (sl >= j && sl < t) part[kk] = tp[t * a.kin + kk] * Ms[sl * (kC + 1) + j];
+            }
+          }
+#pragma unroll
+          for (int kk = 0; kk < 8; ++kk) mval += part[kk];
         }
-      Ms[t * (kC + 1) + j] = mval;
+        Ms[t * (kC + 1) + j] = mval;
+      }
+    } else {
+      for (int t = 0; t < kC; ++t) {
+        float mval = t == j ? 1.f : 0.f;
+        if (t > j)
+          for (int kk = 0; kk < a.kin; ++kk) {
+            const int sl = tsrc[t * a.kin + kk];
+            if (sl >= j && sl < t) mval = fmaf(tp[t * a.kin + kk], Ms[sl * (kC + 1) + j], mval);
+          }
+        Ms[t * (kC + 1) + j] = mval;
+      }
     }
   }
   __syncthreads();
   float* Mg = M + (cg * a.H + h) * kC * kC;
   for (int idx = threadIdx.x; idx < kC * kC; idx += blockDim.x) {
     const int r = idx / kC, c = idx % kC;
-    Mg[idx] = kTransposeM ? Ms[c * (kC + 1) + r] : Ms[r * (kC + 1) + c];
+    Mg[idx] = Ms[r * (kC + 1) + c];
   }
 }
 
@@ -498,7 +662,11 @@ __global__ void __launch_bounds__(kChainThreads)
 #pragma unroll
       for (int j = 0; j < kV; ++j) {
         const int64_t d = d0 + j * kDS;
-        if (d < a.Dv) w[j] = alpha * to_f(vi[d]);
+        if (d < a.Dv) {
+          const float x = to_f(vi[d]);
+          if (a.bad && !isfinite(x)) atomicOr(a.bad, 4);
+          w[j] = alpha * x;
+        }
       }
       const int32_t* src = SRC + R * a.nbl;
       const float* pr = P + R * S + 1;
@@ -555,10 +723,234 @@ __global__ void __launch_bounds__(kChainThreads)
   }
 }
 
+// Chain with 4 channels per thread (Dv % 4 == 0): kS threads (consecutive lanes) own row t of
+// the chunk and channels 4 g .. 4 g + 3 of the block's slice of 4 kG; they split the row's taps
+// and its 64-long product with M_c and add their parts with shuffles, so that the step's
+// dependent chain is short. Taps are 16-byte reads. What a step needs from global memory is
+// fetched one step ahead: M of the next chunk by cp.async into the other half of a
+// double-buffered tile, and per row alpha, v, the first kPF levels' coefficients and sources and
+// the outputs they read that lie two or more chunks back, issued before the product so that its
+// time covers their latency. The previous chunk's outputs stay in shared memory
+// (double-buffered). Levels past kPF (long lattices) are read during the step.
+constexpr int kPF = 16;
+constexpr int kChain4Threads = 256;  // kC * kG * kS
+
+__device__ __forceinline__ void copy_tile_async(float (*dst)[kC + 4], const float* src, int tid, int nthreads) {
+  for (int idx = tid; idx < kC * kC / 4; idx += nthreads)
+    __pipeline_memcpy_async(&dst[idx / (kC / 4)][4 * (idx % (kC / 4))], src + 4 * idx, 16);
+  __pipeline_commit();
+}
+// Sum over the kS consecutive lanes that share a row (every lane of the warp must call it).
+template <int kS>
+__device__ __forceinline__ float4 parts_sum(float4 x) {
+#pragma unroll
+  for (int o = 1; o < kS; o <<= 1) {
+    x.x += __shfl_xor_sync(0xffffffffu, x.x, o);
+    x.y += __shfl_xor_sync(0xffffffffu, x.y, o);
+    x.z += __shfl_xor_sync(0xffffffffu, x.z, o);
+    x.w += __shfl_xor_sync(0xffffffffu, x.w, o);
+  }
+  return x;
+}
+
+template <class T, int kG, int kS>
+__global__ void __launch_bounds__(kC * kG * kS, 2)
+    chain_forward4(KArgs a, const SeqInfo* seqs, const T* v, const float* P, const int32_t* SRC, const float* M, T* y, float* yf) {
+  constexpr int kW = 4 * kG, kN = kC * kG * kS, kPS = kPF / kS;
+  __shared__ __align__(16) float Ms[2][kC][kC + 4];
+  __shared__ __align__(16) float W[kC][kW];
+  __shared__ __align__(16) float Yp[2][kC][kW];
+  const SeqInfo sq = seqs[blockIdx.x];
+  const int64_t h = blockIdx.y;
+  const int part = threadIdx.x % kS, g = (threadIdx.x / kS) % kG, t = threadIdx.x / (kS * kG);
+  const int64_t d = static_cast<int64_t>(blockIdx.z) * kW + 4 * g;
+  const bool dok = d < a.Dv;
+  const int S = 1 + a.nbl;
+  const bool offsets = a.pat.B.kind == SupportKind::Offsets;
+  const int64_t nch = (sq.n + kC - 1) / kC;
+  const float* ybase = yf + eoff(a.sy, sq, 0, h) + d;
+  const bool copy = static_cast<const void*>(yf) != static_cast<const void*>(y);
+  const float* Mh = M + (sq.cbase * a.H + h) * kC * kC;  // chunk c at Mh + c * H * kC * kC
+  // prefetched for the next chunk: this thread's levels part, part + kS, ...
+  float4 xv = make_float4(0.f, 0.f, 0.f, 0.f), yv[kPS];
+  float alpha = 0.f, pv[kPS];
+  int32_t sv[kPS];  // source row, -1: none or inside the chunk
+  auto prefetch = [&](int64_t c) {
+    const int64_t c0 = c * kC, i = c0 + t;
+    alpha = 0.f;
+#pragma unroll
+    for (int j = 0; j < kPS; ++j) sv[j] = -1;
+    if (i < sq.n && dok) {
+      const int64_t R = rid(a, sq, h, i);
+      if (part == 0) {
+        xv = load4(v + eoff(a.sv, sq, i, h) + d);
+        alpha = P[R * S];
+      }
+#pragma unroll
+      for (int j = 0; j < kPS; ++j) {
+        const int b = part + j * kS;
+        int64_t sidx = -1;
+        if (b < a.nbl) sidx = offsets ? (a.pat.B.f[b] <= i ? i - a.pat.B.f[b] : -1) : SRC[R * a.nbl + b];
+        sv[j] = sidx < c0 ? static_cast<int32_t>(sidx) : -1;  // taps inside the chunk are in M
+        pv[j] = sv[j] >= 0 ? P[R * S + 1 + b] : 0.f;
+      }
+#pragma unroll
+      for (int j = 0; j < kPS; ++j)
+        if (sv[j] >= 0 && sv[j] < c0 - kC) yv[j] = *reinterpret_cast<const float4*>(ybase + sv[j] * a.sy.st);
+    }
+  };
+  if (nch > 0) {
+    copy_tile_async(Ms[0], Mh, threadIdx.x, kN);
+    prefetch(0);
+  }
+  for (int64_t c = 0; c < nch; ++c) {
+    const int64_t c0 = c * kC, i = c0 + t;
+    const bool row = i < sq.n && dok;
+    float4 w = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (row) {
+      if (part == 0) {
+        if (a.bad && !(isfinite(xv.x) && isfinite(xv.y) && isfinite(xv.z) && isfinite(xv.w))) atomicOr(a.bad, 4);
+        fma4(w, alpha, xv);
+      }
+      const float(*yp)[kW] = Yp[(c + 1) & 1];  // chunk c - 1
+#pragma unroll
+      for (int j = 0; j < kPS; ++j) {
+        if (sv[j] < 0) continue;
+        fma4(w, pv[j], sv[j] >= c0 - kC ? *reinterpret_cast<const float4*>(&yp[sv[j] - (c0 - kC)][4 * g]) : yv[j]);
+      }
+      if (a.nbl > kPF) {
+        const int64_t R = rid(a, sq, h, i);
+        for (int kk = kPF + part; kk < a.nbl; kk += kS) {
+          const int64_t sidx = offsets ? (a.pat.B.f[kk] <= i ? i - a.pat.B.f[kk] : -1) : SRC[R * a.nbl + kk];
+          if (sidx < 0 || sidx >= c0) continue;
+          const float p = P[R * S + 1 + kk];
+          fma4(w, p, sidx >= c0 - kC ? *reinterpret_cast<const float4*>(&yp[sidx - (c0 - kC)][4 * g])
+                                     : *reinterpret_cast<const float4*>(ybase + sidx * a.sy.st));
+        }
+      }
+    }
+    w = parts_sum<kS>(w);
+    if (part == 0) *reinterpret_cast<float4*>(&W[t][4 * g]) = w;
+    __pipeline_wait_prior(0);  // M of this chunk
+    __syncthreads();
+    // next chunk's loads go out before the product, whose time covers their latency; the other
+    // tile was last read in step c - 1, before its closing barrier
+    if (c + 1 < nch) {
+      copy_tile_async(Ms[(c + 1) & 1], Mh + (c + 1) * a.H * kC * kC, threadIdx.x, kN);
+      prefetch(c + 1);
+    }
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    const float(*Mc)[kC + 4] = Ms[c & 1];
+    if (row) {
+#pragma unroll 4
+      for (int s2 = part; s2 <= t; s2 += kS) fma4(acc, Mc[t][s2], *reinterpret_cast<const float4*>(&W[s2][4 * g]));
+    }
+    acc = parts_sum<kS>(acc);
+    if (row && part == 0) {
+      const int64_t o = eoff(a.sy, sq, i, h) + d;
+      if (copy) *reinterpret_cast<float4*>(yf + o) = acc;
+      store4(y + o, acc);
+    }
+    if (part == 0) *reinterpret_cast<float4*>(&Yp[c & 1][t][4 * g]) = acc;
+    __syncthreads();
+  }
+}
+
+// Backward chain for offsets (see chain_forward4): readers of row i are m = i + f(k); those in
+// chunk c + 1 come from shared memory, farther ones were fetched one step ahead. M_c^T is read
+// from the tile of M_c by column.
+template <class T, int kG, int kS>
+__global__ void __launch_bounds__(kC * kG * kS, 2)
+    chain_backward4(KArgs a, const SeqInfo* seqs, const T* dy, const float* P, const float* M, float* G) {
+  constexpr int kW = 4 * kG, kN = kC * kG * kS, kPS = kPF / kS;
+  __shared__ __align__(16) float Ms[2][kC][kC + 4];
+  __shared__ __align__(16) float W[kC][kW];
+  __shared__ __align__(16) float Gp[2][kC][kW];
+  const SeqInfo sq = seqs[blockIdx.x];
+  const int64_t h = blockIdx.y;
+  const int part = threadIdx.x % kS, g = (threadIdx.x / kS) % kG, t = threadIdx.x / (kS * kG);
+  const int64_t d = static_cast<int64_t>(blockIdx.z) * kW + 4 * g;
+  const bool dok = d < a.Dv;
+  const int S = 1 + a.nbl;
+  const int64_t nch = (sq.n + kC - 1) / kC;
+  float* gbase = G + eoff(a.sy, sq, 0, h) + d;
+  const int64_t* f = a.pat.B.f;
+  const float* Mh = M + (sq.cbase * a.H + h) * kC * kC;
+  float4 xv = make_float4(0.f, 0.f, 0.f, 0.f), gv[kPS];
+  float pv[kPS];
+  int32_t mv[kPS];  // reader row, -1: none or inside the chunk
+  auto prefetch = [&](int64_t c) {
+    const int64_t c0 = c * kC, i = c0 + t, cend = c0 + kC;
+#pragma unroll
+    for (int j = 0; j < kPS; ++j) mv[j] = -1;
+    if (i < sq.n && dok) {
+      if (part == 0) xv = load4(dy + eoff(a.sy, sq, i, h) + d);
+#pragma unroll
+      for (int j = 0; j < kPS; ++j) {
+        const int b = part + j * kS;
+        const int64_t mrow = b < a.nbl ? i + f[b] : sq.n;
+        mv[j] = mrow < sq.n && mrow >= cend ? static_cast<int32_t>(mrow) : -1;
+        pv[j] = mv[j] >= 0 ? P[rid(a, sq, h, mrow) * S + 1 + b] : 0.f;
+      }
+#pragma unroll
+      for (int j = 0; j < kPS; ++j)
+        if (mv[j] >= cend + kC) gv[j] = *reinterpret_cast<const float4*>(gbase + mv[j] * a.sy.st);
+    }
+  };
+  if (nch > 0) {
+    copy_tile_async(Ms[(nch - 1) & 1], Mh + (nch - 1) * a.H * kC * kC, threadIdx.x, kN);
+    prefetch(nch - 1);
+  }
+  for (int64_t c = nch - 1; c >= 0; --c) {
+    const int64_t c0 = c * kC, i = c0 + t, cend = c0 + kC;
+    const bool row = i < sq.n && dok;
+    const int nvalid = static_cast<int>(lmin(kC, sq.n - c0));
+    float4 w = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (row) {
+      if (part == 0) {
+        w = xv;
+        if (a.bad && !(isfinite(w.x) && isfinite(w.y) && isfinite(w.z) && isfinite(w.w))) atomicOr(a.bad, 8);
+      }
+      const float(*gp)[kW] = Gp[(c + 1) & 1];  // chunk c + 1
+#pragma unroll
+      for (int j = 0; j < kPS; ++j) {
+        if (mv[j] < 0) continue;
+        fma4(w, pv[j], mv[j] < cend + kC ? *reinterpret_cast<const float4*>(&gp[mv[j] - cend][4 * g]) : gv[j]);
+      }
+      for (int kk = kPF + part; kk < a.nbl; kk += kS) {
+        const int64_t mrow = i + f[kk];
+        if (mrow >= sq.n) break;
+        if (mrow < cend) continue;
+        const float p = P[rid(a, sq, h, mrow) * S + 1 + kk];
+        fma4(w, p, mrow < cend + kC ? *reinterpret_cast<const float4*>(&gp[mrow - cend][4 * g])
+                                    : *reinterpret_cast<const float4*>(gbase + mrow * a.sy.st));
+      }
+    }
+    w = parts_sum<kS>(w);
+    if (part == 0) *reinterpret_cast<float4*>(&W[t][4 * g]) = w;
+    __pipeline_wait_prior(0);
+    __syncthreads();
+    if (c > 0) {
+      copy_tile_async(Ms[(c - 1) & 1], Mh + (c - 1) * a.H * kC * kC, threadIdx.x, kN);
+      prefetch(c - 1);
+    }
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    const float(*Mc)[kC + 4] = Ms[c & 1];
+    if (row) {
+#pragma unroll 4
+      for (int s2 = t + part; s2 < nvalid; s2 += kS) fma4(acc, Mc[s2][t], *reinterpret_cast<const float4*>(&W[s2][4 * g]));  // (M_c^T)[t][s2]
+    }
+    acc = parts_sum<kS>(acc);
+    if (row && part == 0) *reinterpret_cast<float4*>(gbase + i * a.sy.st) = acc;
+    if (part == 0) *reinterpret_cast<float4*>(&Gp[c & 1][t][4 * g]) = acc;
+    __syncthreads();
+  }
+}
+
 // Sequential chain over chunks in reverse, backward: g_c = M_c^T (dy + transposed long taps).
 template <class T, bool kLattice, int kV>
 __global__ void __launch_bounds__(kChainThreads)
-    chain_backward(KArgs a, const SeqInfo* seqs, const T* dy, const float* P, const int32_t* SRC, const float* MT, float* G) {
+    chain_backward(KArgs a, const SeqInfo* seqs, const T* dy, const float* P, const int32_t* SRC, const float* M, float* G) {
   __shared__ float Ms[kC][kC + 1];
   __shared__ float W[kC][kDS * kV];
   __shared__ float Gs[kC][kDS * kV];
@@ -578,7 +970,7 @@ __global__ void __launch_bounds__(kChainThreads)
     const int64_t c0 = c * kC, i = c0 + t;
     const bool row = i < sq.n;
     const int nvalid = static_cast<int>(lmin(kC, sq.n - c0));
-    const float* Mg = MT + ((sq.cbase + c) * a.H + h) * kC * kC;
+    const float* Mg = M + ((sq.cbase + c) * a.H + h) * kC * kC;
     float mreg[kMPer];
 #pragma unroll
     for (int r = 0; r < kMPer; ++r) mreg[r] = Mg[threadIdx.x + r * kChainThreads];
@@ -593,6 +985,7 @@ __global__ void __launch_bounds__(kChainThreads)
         const int64_t d = d0 + j * kDS;
         if (d >= a.Dv) continue;
         w[j] = to_f(dyi[d]);
+        if (a.bad && !isfinite(w[j])) atomicOr(a.bad, 8);
         if (kLattice) w[j] += __ldcg(&gbase[o + d]);  // sums added by later chunks
       }
       if (!kLattice) {
@@ -625,7 +1018,7 @@ __global__ void __launch_bounds__(kChainThreads)
 #pragma unroll
     for (int r = 0; r < kMPer; ++r) {
       const int idx = threadIdx.x + r * kChainThreads;
-      Ms[idx / kC][idx % kC] = mreg[r];
+      Ms[idx % kC][idx / kC] = mreg[r];  // M_c^T
     }
     __syncthreads();
     float g[kV];
@@ -702,6 +1095,80 @@ __global__ void __launch_bounds__(kRowWarps * 32)
   const int64_t c0 = (cg - sq.cbase) * kC;
   const int nvalid = static_cast<int>(lmin(kC, sq.n - c0));
   const bool softmax = a.mode == static_cast<int32_t>(Mode::Softmax);
+  if (softmax && a.lpk && a.lpv) {
+    // lane groups (see group_sum): one gathered row of y or k per group, 16 bytes per lane
+    const int lpv = a.lpv, eppv = 32 / lpv, subv = lane & (lpv - 1), grpv = lane / lpv;
+    const int lpk = a.lpk, eppk = 32 / lpk, subk = lane & (lpk - 1), grpk = lane / lpk;
+    for (int t = warp; t < nvalid; t += kRowWarps) {
+      const int64_t i = c0 + t, R = rid(a, sq, h, i);
+      float gv[8];
+      load8(G + eoff(a.sy, sq, i, h) + 8 * subv, gv);
+      float part = 0.f;
+      for (int e0 = 0; e0 < S; e0 += 2 * eppv) {
+        float x[2][8];
+        float cc[2];
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          const int e = e0 + u * eppv + grpv;
+          cc[u] = e < S ? P[R * S + e] : 0.f;
+          if (cc[u] != 0.f) {
+            const T* row = e == 0 ? v + eoff(a.sv, sq, i, h) : y + eoff(a.sy, sq, SRC[R * a.nbl + e - 1], h);
+            load8(row + 8 * subv, x[u]);
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          const int e = e0 + u * eppv + grpv;
+          const float cu = cc[u] * group_sum(cc[u] != 0.f ? dot8(gv, x[u]) : 0.f, lpv);
+          if (subv == 0 && e < S) {
+            es[e] = cu;
+            part += cu;
+          }
+        }
+      }
+      const float delta = warp_sum(part);
+      __syncwarp();
+      for (int e = lane; e < S; e += 32) {
+        const float c = P[R * S + e];
+        const float p = e == 0 ? c : c / a.gamma;
+        const float ds = c != 0.f ? es[e] - p * delta : 0.f;
+        es[e] = ds;
+        DS[R * S + e] = ds;
+        if (dbias_u && c != 0.f) atomicAdd(&dbias_u[unit * a.levels + (e == 0 ? a.pat.A.level_base : a.pat.B.level_base + e - 1)], ds);
+      }
+      __syncwarp();
+      float acc[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) acc[j] = 0.f;
+      for (int e0 = 0; e0 < S; e0 += 2 * eppk) {
+        float x[2][8];
+        float dd[2];
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          const int e = e0 + u * eppk + grpk;
+          dd[u] = e < S ? es[e] : 0.f;
+          if (dd[u] != 0.f) load8(k + eoff(a.sk, sq, e == 0 ? i : SRC[R * a.nbl + e - 1], h) + 8 * subk, x[u]);
+        }
+#pragma unroll
+        for (int u = 0; u < 2; ++u)
+          if (dd[u] != 0.f)
+#pragma unroll
+            for (int j = 0; j < 8; ++j) acc[j] = fmaf(dd[u], x[u][j], acc[j]);
+      }
+      across_groups(acc, lpk);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) acc[j] *= a.scale;
+      if (grpk == 0) store8(dq + eoff(a.sq, sq, i, h) + 8 * subk, acc);
+      const float alpha = P[R * S];
+      if (grpv == 0) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) gv[j] *= alpha;
+        store8(dv + eoff(a.sv, sq, i, h) + 8 * subv, gv);
+      }
+      __syncwarp();
+    }
+    return;
+  }
   for (int t = warp; t < nvalid; t += kRowWarps) {
     const int64_t i = c0 + t, R = rid(a, sq, h, i);
     for (int d = lane; d < a.Dv; d += 32) gs[d] = G[eoff(a.sy, sq, i, h) + d];
@@ -763,6 +1230,37 @@ __global__ void __launch_bounds__(kRowWarps * 32)
   const int64_t c0 = (cg - sq.cbase) * kC;
   const int nvalid = static_cast<int>(lmin(kC, sq.n - c0));
   const int64_t* f = a.pat.B.f;
+  if (a.lpk) {
+    const int lpe = a.lpk, epp = 32 / lpe, sub = lane & (lpe - 1), grp = lane / lpe;
+    for (int t = warp; t < nvalid; t += kRowWarps) {
+      const int64_t j = c0 + t;
+      float acc[8];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) acc[u] = 0.f;
+      // slot 0: the row itself (alpha); slot 1 + kk: its reader at level kk
+      for (int e0 = 0; e0 <= a.nbl; e0 += 2 * epp) {
+        float x[2][8];
+        float dd[2];
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          const int e = e0 + u * epp + grp;
+          const int64_t m = e == 0 ? j : (e <= a.nbl ? j + f[e - 1] : sq.n);
+          dd[u] = m < sq.n ? DS[rid(a, sq, h, m) * S + e] : 0.f;
+          if (dd[u] != 0.f) load8(q + eoff(a.sq, sq, m, h) + 8 * sub, x[u]);
+        }
+#pragma unroll
+        for (int u = 0; u < 2; ++u)
+          if (dd[u] != 0.f)
+#pragma unroll
+            for (int jj = 0; jj < 8; ++jj) acc[jj] = fmaf(dd[u], x[u][jj], acc[jj]);
+      }
+      across_groups(acc, lpe);
+#pragma unroll
+      for (int u = 0; u < 8; ++u) acc[u] *= a.scale;
+      if (grp == 0) store8(dk + eoff(a.sk, sq, j, h) + 8 * sub, acc);
+    }
+    return;
+  }
   for (int t = warp; t < nvalid; t += kRowWarps) {
     const int64_t j = c0 + t;
     const float dsa = DS[rid(a, sq, h, j) * S];
@@ -1115,11 +1613,29 @@ struct Buffers {
   int64_t* posbuf;
   int32_t* lvlbuf;
   float* G;
+  int32_t* bad;  // finiteness flags (fast path)
 };
 
-Buffers carve(const CudaMix& m, const Plan& p, bool backward, void* ws, int64_t* bytes) {
+// The chunked solver's tables (P, SRC, M): written by the forward into `saved`, which the caller
+// keeps for the backward (n rows x (2 |support| + C) x 4 bytes: linear in n), so that the
+// backward does not compute them again.
+void carve_tables(const CudaMix& m, const Plan& p, void* saved, Buffers& b, int64_t* bytes) {
+  Bump bp{static_cast<char*>(saved)};
+  if (p.fast) {
+    const MixProblem& pb = m.pb;
+    const int64_t rows = pb.batch * pb.H * pb.T;
+    b.P = bp.take<float>(rows * (1 + m.nbl));
+    b.SRC = bp.take<int32_t>(rows * std::max<int32_t>(1, m.nbl));
+    b.M = bp.take<float>(p.total_chunks * pb.H * kC * kC);
+  }
+  *bytes = p.fast ? bp.off + 256 : 0;
+}
+
+Buffers carve(const CudaMix& m, const Plan& p, bool backward, void* ws, void* saved, int64_t* bytes) {
   Bump bp{static_cast<char*>(ws)};
   Buffers b{};
+  int64_t tbytes;
+  carve_tables(m, p, saved, b, &tbytes);
   const MixProblem& pb = m.pb;
   const int64_t rows = pb.batch * pb.H * pb.T;  // [B, H, T] tables
   const int64_t ny = pb.batch * pb.T * pb.H * pb.Dv, nk = pb.batch * pb.T * pb.H * pb.Dk;
@@ -1127,11 +1643,9 @@ Buffers carve(const CudaMix& m, const Plan& p, bool backward, void* ws, int64_t*
   b.seqs = bp.take<SeqInfo>(std::max<int64_t>(1, p.nseq));
   b.chunk_seq = bp.take<int32_t>(std::max<int64_t>(1, p.total_chunks));
   b.yf = !backward && m.dtype != DType::F32 ? bp.take<float>(ny) : nullptr;
+  b.bad = bp.take<int32_t>(1);
   if (p.fast) {
     const int64_t S = 1 + m.nbl;
-    b.P = bp.take<float>(rows * S);
-    b.SRC = bp.take<int32_t>(rows * std::max<int32_t>(1, m.nbl));
-    b.M = bp.take<float>(p.total_chunks * pb.H * kC * kC);
     if (backward) {
       b.G = bp.take<float>(ny);
       b.DS = bp.take<float>(rows * S);
@@ -1170,7 +1684,61 @@ KArgs kargs(const CudaMix& m, const Plan& p) {
   a.nbl = m.nbl;
   a.kin = p.kin;
   a.cap = p.cap;
+  a.lpk = a.lpv = 0;
+  a.bad = nullptr;
   return a;
+}
+
+// TOKMIX_CUDA_VARIANT (measurements only): bit 0 selects the previous chains, bit 1 turns the
+// lane-group paths off, so that one run can time versions side by side.
+int variant_bits() {
+  const char* e = std::getenv("TOKMIX_CUDA_VARIANT");
+  return e ? std::atoi(e) : 0;
+}
+
+bool aligned_to(const void* ptr, int64_t bytes) { return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
+bool strides_multiple(const Strides& s, int64_t n) { return s.sb % n == 0 && s.st % n == 0 && s.sh % n == 0; }
+// Lanes per row for the lane-group paths: width / 8 when that is a power of two <= 32 and every
+// row starts on a 16-byte boundary (8 elements); else 0.
+int32_t lanes_per_row(int64_t width, int64_t esize, std::initializer_list<std::pair<const void*, Strides>> rows) {
+  if (width % 8 != 0 || width / 8 > 32 || ((width / 8) & (width / 8 - 1)) != 0 || (variant_bits() & 2)) return 0;
+  for (const auto& r : rows)
+    if (!aligned_to(r.first, 8 * esize) || !strides_multiple(r.second, 8)) return 0;
+  return static_cast<int32_t>(width / 8);
+}
+// Whether the 4-channel chains serve v, y (or dy) and the float32 copies.
+bool chain4_ok(const CudaMix& m, int64_t esize, std::initializer_list<const void*> ptrs) {
+  if (m.pb.Dv % 4 != 0 || !strides_multiple(m.pb.sv, 4) || !strides_multiple(m.pb.sy, 4) || (variant_bits() & 1)) return false;
+  for (const void* p : ptrs)
+    if (!aligned_to(p, 4 * esize)) return false;
+  return true;
+}
+
+// Layout of the 4-channel chains, 256 threads a block: kG channel quads x kS threads per row,
+// (kG, kS) = (1, 4), (2, 2) or (4, 1). The fewest channels per block (more blocks, more threads
+// on each step's chain) such that every block is resident at once (a second wave would run the
+// whole sequential chain again); 0 when even kG = 4 does not fit (the 512-thread chain then).
+// TOKMIX_CHAIN_G = 1, 2 or 4 forces a layout (measurements, checks).
+template <class K1, class K2, class K4>
+int chain4_groups(const CudaMix& m, const Plan& p, K1 k1, K2 k2, K4 k4) {
+  if (const char* env = std::getenv("TOKMIX_CHAIN_G")) {
+    const int g = std::atoi(env);
+    if (g == 1 || g == 2 || g == 4) return g;
+  }
+  int dev = 0, sms = 0;
+  TOKMIX_CU(cudaGetDevice(&dev));
+  TOKMIX_CU(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  auto resident = [&](int g) {
+    int per_sm = 0;
+    if (g == 1) TOKMIX_CU(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k1, kChain4Threads, 0));
+    if (g == 2) TOKMIX_CU(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k2, kChain4Threads, 0));
+    if (g == 4) TOKMIX_CU(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k4, kChain4Threads, 0));
+    return static_cast<int64_t>(per_sm) * sms;
+  };
+  auto blocks = [&](int g) { return p.nseq * m.pb.H * ((m.pb.Dv + 4 * g - 1) / (4 * g)); };
+  for (int g : {1, 2, 4})
+    if (blocks(g) <= resident(g)) return g;
+  return 0;
 }
 
 void upload_plan(const Plan& p, const Buffers& b, cudaStream_t st) {
@@ -1198,77 +1766,115 @@ int64_t chain_vec(const CudaMix& m, const Plan& p, K kernel) {
   return 4;
 }
 
-template <class T>
-void forward_t(const CudaMix& m, const T* q, const T* k, const T* v, const T* bias, const T* gw, T* y, float* lse, void* ws) {
-  cudaStream_t st = static_cast<cudaStream_t>(m.stream);
-  const Plan p = make_plan(m);
-  int64_t bytes;
-  Buffers b = carve(m, p, false, ws, &bytes);
-  float* yf = b.yf ? b.yf : reinterpret_cast<float*>(y);
-  upload_plan(p, b, st);
-  const KArgs a = kargs(m, p);
-  if (p.nseq == 0 || m.pb.H == 0) return;
-  if (p.fast) {
-    if (p.total_chunks == 0) return;
-    const size_t sm1 = sizeof(float) * (kRowWarps * (m.pb.Dk + 1 + m.nbl) + kC * (kC + 1) + 2 * kC * p.kin);
-    allow_smem(coef_kernel<T, false>, sm1);
-    coef_kernel<T, false><<<dim3(p.total_chunks, m.pb.H), kRowWarps * 32, sm1, st>>>(a, b.seqs, b.chunk_seq, q, k, bias, gw, lse,
-                                                                                   b.P, b.SRC, b.M);
-    TOKMIX_LAUNCHED("coef_kernel");
-    const int64_t per = chain_vec(m, p, chain_forward<T, 1>);
-    const dim3 g(p.nseq, m.pb.H, (m.pb.Dv + kDS * per - 1) / (kDS * per));
-    if (per == 1)
-      chain_forward<T, 1><<<g, kChainThreads, 0, st>>>(a, b.seqs, v, b.P, b.SRC, b.M, y, yf);
-    else if (per == 2)
-      chain_forward<T, 2><<<g, kChainThreads, 0, st>>>(a, b.seqs, v, b.P, b.SRC, b.M, y, yf);
-    else
-      chain_forward<T, 4><<<g, kChainThreads, 0, st>>>(a, b.seqs, v, b.P, b.SRC, b.M, y, yf);
-    TOKMIX_LAUNCHED("chain_forward");
-  } else {
-    const size_t smg = sizeof(float) * (m.pb.Dk + 32);
-    allow_smem(gen_forward<T>, smg);
-    gen_forward<T><<<dim3(p.nseq, m.pb.H), kGenThreads, smg, st>>>(a, b.seqs, q, k, v, bias, gw, y, yf, lse, b.pbuf, b.posbuf);
-    TOKMIX_LAUNCHED("gen_forward");
-  }
+// Reads the finiteness flags the kernels left (one small copy and a stream sync).
+int32_t read_flags(const int32_t* dflag, cudaStream_t st) {
+  int32_t h = 0;
+  TOKMIX_CU(cudaMemcpyAsync(&h, dflag, sizeof(int32_t), cudaMemcpyDeviceToHost, st));
+  TOKMIX_CU(cudaStreamSynchronize(st));
+  return h;
 }
 
 template <class T>
-void backward_t(const CudaMix& m, const T* q, const T* k, const T* v, const T* bias, const T* gw, const T* y, const float* lse,
-                const T* dy, T* dq, T* dk, T* dv, float* dbias_u, float* dgate_u, void* ws) {
+int32_t forward_t(const CudaMix& m, const T* q, const T* k, const T* v, const T* bias, const T* gw, T* y, float* lse, void* ws,
+                  void* saved) {
   cudaStream_t st = static_cast<cudaStream_t>(m.stream);
   const Plan p = make_plan(m);
   int64_t bytes;
-  Buffers b = carve(m, p, true, ws, &bytes);
+  Buffers b = carve(m, p, false, ws, saved, &bytes);
+  float* yf = b.yf ? b.yf : reinterpret_cast<float*>(y);
   upload_plan(p, b, st);
-  const KArgs a = kargs(m, p);
-  if (p.nseq == 0 || m.pb.H == 0) return;
+  KArgs a = kargs(m, p);
+  if (p.nseq == 0 || m.pb.H == 0) return p.fast ? 0 : -1;
+  if (p.fast) {
+    if (p.total_chunks == 0) return 0;
+    const bool softmax = m.pb.mode == Mode::Softmax;
+    a.lpk = lanes_per_row(m.pb.Dk, sizeof(T), {{q, m.pb.sq}, {softmax ? k : q, m.pb.sk}, {gw, Strides{0, 0, 0}}});
+    a.bad = b.bad;
+    TOKMIX_CU(cudaMemsetAsync(b.bad, 0, sizeof(int32_t), st));
+    const size_t sm1 = sizeof(float) * (kRowWarps * (m.pb.Dk + 1 + m.nbl) + kC * (kC + 1) + 2 * kC * p.kin);
+    allow_smem(coef_kernel<T>, sm1);
+    coef_kernel<T><<<dim3(p.total_chunks, m.pb.H), kRowWarps * 32, sm1, st>>>(a, b.seqs, b.chunk_seq, q, k, bias, gw, lse,
+                                                                                   b.P, b.SRC, b.M);
+    TOKMIX_LAUNCHED("coef_kernel");
+    // levels past kPF are read inside the step: long lattices (sq1-lattice: ~256 levels) run
+    // faster on the 512-thread chain (measured, see docs/perf-notes.md)
+    const int g = chain4_ok(m, sizeof(T), {v, y}) && (m.nbl <= kPF || std::getenv("TOKMIX_CHAIN_G"))
+                      ? chain4_groups(m, p, chain_forward4<T, 1, 4>, chain_forward4<T, 2, 2>, chain_forward4<T, 4, 1>)
+                      : 0;
+    if (g > 0) {
+      const dim3 grid(p.nseq, m.pb.H, (m.pb.Dv + 4 * g - 1) / (4 * g));
+      if (g == 1) chain_forward4<T, 1, 4><<<grid, kChain4Threads, 0, st>>>(a, b.seqs, v, b.P, b.SRC, b.M, y, yf);
+      else if (g == 2) chain_forward4<T, 2, 2><<<grid, kChain4Threads, 0, st>>>(a, b.seqs, v, b.P, b.SRC, b.M, y, yf);
+      else chain_forward4<T, 4, 1><<<grid, kChain4Threads, 0, st>>>(a, b.seqs, v, b.P, b.SRC, b.M, y, yf);
+      TOKMIX_LAUNCHED("chain_forward4");
+    } else {
+      const int64_t per = chain_vec(m, p, chain_forward<T, 1>);
+      const dim3 g(p.nseq, m.pb.H, (m.pb.Dv + kDS * per - 1) / (kDS * per));
+      if (per == 1)
+        chain_forward<T, 1><<<g, kChainThreads, 0, st>>>(a, b.seqs, v, b.P, b.SRC, b.M, y, yf);
+      else if (per == 2)
+        chain_forward<T, 2><<<g, kChainThreads, 0, st>>>(a, b.seqs, v, b.P, b.SRC, b.M, y, yf);
+      else
+        chain_forward<T, 4><<<g, kChainThreads, 0, st>>>(a, b.seqs, v, b.P, b.SRC, b.M, y, yf);
+      TOKMIX_LAUNCHED("chain_forward");
+    }
+    return read_flags(b.bad, st);
+  }
+  const size_t smg = sizeof(float) * (m.pb.Dk + 32);
+  allow_smem(gen_forward<T>, smg);
+  gen_forward<T><<<dim3(p.nseq, m.pb.H), kGenThreads, smg, st>>>(a, b.seqs, q, k, v, bias, gw, y, yf, lse, b.pbuf, b.posbuf);
+  TOKMIX_LAUNCHED("gen_forward");
+  return -1;
+}
+
+template <class T>
+int32_t backward_t(const CudaMix& m, const T* q, const T* k, const T* v, const T* bias, const T* gw, const T* y, const float* lse,
+                   const T* dy, T* dq, T* dk, T* dv, float* dbias_u, float* dgate_u, void* ws, const void* saved) {
+  cudaStream_t st = static_cast<cudaStream_t>(m.stream);
+  const Plan p = make_plan(m);
+  int64_t bytes;
+  Buffers b = carve(m, p, true, ws, const_cast<void*>(saved), &bytes);
+  upload_plan(p, b, st);
+  KArgs a = kargs(m, p);
+  if (p.nseq == 0 || m.pb.H == 0) return p.fast ? 0 : -1;
   const bool softmax = m.pb.mode == Mode::Softmax;
   if (p.fast) {
-    if (p.total_chunks == 0) return;
+    if (p.total_chunks == 0) return 0;
     const bool lattice = m.host_pat.B.kind == SupportKind::Lattice;
+    a.lpk = lanes_per_row(m.pb.Dk, sizeof(T), {{q, m.pb.sq}, {softmax ? k : q, m.pb.sk}, {gw, Strides{0, 0, 0}}, {dq, m.pb.sq},
+                                               {softmax ? dk : dq, m.pb.sk}});
+    a.lpv = lanes_per_row(m.pb.Dv, sizeof(T), {{v, m.pb.sv}, {y, m.pb.sy}, {dv, m.pb.sv}});
+    a.bad = b.bad;
+    TOKMIX_CU(cudaMemsetAsync(b.bad, 0, sizeof(int32_t), st));
     const dim3 rows_grid(p.total_chunks, m.pb.H);
-    // lse is recomputed into the P tables' pass; the saved one is the same value
-    float* lse_scratch = b.DS;  // overwritten below by grad_rows
-    const size_t sm1 = sizeof(float) * (kRowWarps * (m.pb.Dk + 1 + m.nbl) + kC * (kC + 1) + 2 * kC * p.kin);
-    allow_smem(coef_kernel<T, true>, sm1);
-    coef_kernel<T, true><<<rows_grid, kRowWarps * 32, sm1, st>>>(a, b.seqs, b.chunk_seq, q, k, bias, gw, lse_scratch, b.P, b.SRC, b.M);
-    TOKMIX_LAUNCHED("coef_kernel(T)");
+    // P, SRC and M come from the forward (`saved`)
     const int64_t ny = m.pb.batch * m.pb.T * m.pb.H * m.pb.Dv;
-    if (lattice) TOKMIX_CU(cudaMemsetAsync(b.G, 0, sizeof(float) * ny, st));
-    const int64_t per = lattice ? chain_vec(m, p, chain_backward<T, true, 1>) : chain_vec(m, p, chain_backward<T, false, 1>);
-    const dim3 cgrid(p.nseq, m.pb.H, (m.pb.Dv + kDS * per - 1) / (kDS * per));
-#define TOKMIX_CHAIN_BWD(L, V) chain_backward<T, L, V><<<cgrid, kChainThreads, 0, st>>>(a, b.seqs, dy, b.P, b.SRC, b.M, b.G)
-    if (lattice) {
-      if (per == 1) TOKMIX_CHAIN_BWD(true, 1);
-      else if (per == 2) TOKMIX_CHAIN_BWD(true, 2);
-      else TOKMIX_CHAIN_BWD(true, 4);
+    const int g = !lattice && chain4_ok(m, sizeof(T), {dy})
+                      ? chain4_groups(m, p, chain_backward4<T, 1, 4>, chain_backward4<T, 2, 2>, chain_backward4<T, 4, 1>)
+                      : 0;
+    if (g > 0) {
+      const dim3 grid(p.nseq, m.pb.H, (m.pb.Dv + 4 * g - 1) / (4 * g));
+      if (g == 1) chain_backward4<T, 1, 4><<<grid, kChain4Threads, 0, st>>>(a, b.seqs, dy, b.P, b.M, b.G);
+      else if (g == 2) chain_backward4<T, 2, 2><<<grid, kChain4Threads, 0, st>>>(a, b.seqs, dy, b.P, b.M, b.G);
+      else chain_backward4<T, 4, 1><<<grid, kChain4Threads, 0, st>>>(a, b.seqs, dy, b.P, b.M, b.G);
+      TOKMIX_LAUNCHED("chain_backward4");
     } else {
-      if (per == 1) TOKMIX_CHAIN_BWD(false, 1);
-      else if (per == 2) TOKMIX_CHAIN_BWD(false, 2);
-      else TOKMIX_CHAIN_BWD(false, 4);
-    }
+      if (lattice) TOKMIX_CU(cudaMemsetAsync(b.G, 0, sizeof(float) * ny, st));
+      const int64_t per = lattice ? chain_vec(m, p, chain_backward<T, true, 1>) : chain_vec(m, p, chain_backward<T, false, 1>);
+      const dim3 cgrid(p.nseq, m.pb.H, (m.pb.Dv + kDS * per - 1) / (kDS * per));
+#define TOKMIX_CHAIN_BWD(L, V) chain_backward<T, L, V><<<cgrid, kChainThreads, 0, st>>>(a, b.seqs, dy, b.P, b.SRC, b.M, b.G)
+      if (lattice) {
+        if (per == 1) TOKMIX_CHAIN_BWD(true, 1);
+        else if (per == 2) TOKMIX_CHAIN_BWD(true, 2);
+        else TOKMIX_CHAIN_BWD(true, 4);
+      } else {
+        if (per == 1) TOKMIX_CHAIN_BWD(false, 1);
+        else if (per == 2) TOKMIX_CHAIN_BWD(false, 2);
+        else TOKMIX_CHAIN_BWD(false, 4);
+      }
 #undef TOKMIX_CHAIN_BWD
-    TOKMIX_LAUNCHED("chain_backward");
+      TOKMIX_LAUNCHED("chain_backward");
+    }
     const size_t smr = sizeof(float) * kRowWarps * (m.pb.Dv + 1 + m.nbl);
     allow_smem(grad_rows<T>, smr);
     grad_rows<T><<<rows_grid, kRowWarps * 32, smr, st>>>(a, b.seqs, b.chunk_seq, q, k, v, gw, y, b.P, b.SRC, b.G, dq, dv, b.DS,
@@ -1287,14 +1893,15 @@ void backward_t(const CudaMix& m, const T* q, const T* k, const T* v, const T* b
         TOKMIX_LAUNCHED("dk_gather");
       }
     }
-  } else {
-    const size_t smg = sizeof(float) * (m.pb.Dk + m.pb.Dv + 32);
-    allow_smem(gen_backward<T>, smg);
-    gen_backward<T><<<dim3(p.nseq, m.pb.H), kGenThreads, smg, st>>>(a, b.seqs, q, k, v, bias, gw, y, lse, dy, dq, dk, dv, dbias_u,
-                                                                    dgate_u, b.G, b.gdk, b.gdv, b.pbuf, b.ubuf, b.posbuf,
-                                                                    b.lvlbuf);
-    TOKMIX_LAUNCHED("gen_backward");
+    return read_flags(b.bad, st);
   }
+  const size_t smg = sizeof(float) * (m.pb.Dk + m.pb.Dv + 32);
+  allow_smem(gen_backward<T>, smg);
+  gen_backward<T><<<dim3(p.nseq, m.pb.H), kGenThreads, smg, st>>>(a, b.seqs, q, k, v, bias, gw, y, lse, dy, dq, dk, dv, dbias_u,
+                                                                  dgate_u, b.G, b.gdk, b.gdv, b.pbuf, b.ubuf, b.posbuf,
+                                                                  b.lvlbuf);
+  TOKMIX_LAUNCHED("gen_backward");
+  return -1;
 }
 
 template <class T>
@@ -1321,7 +1928,15 @@ bool mix_cuda_fast_path(const CudaMix& m) {
 int64_t mix_cuda_workspace_bytes(const CudaMix& m, bool backward) {
   const Plan p = make_plan(m);
   int64_t bytes;
-  carve(m, p, backward, nullptr, &bytes);
+  carve(m, p, backward, nullptr, nullptr, &bytes);
+  return bytes;
+}
+
+int64_t mix_cuda_saved_bytes(const CudaMix& m) {
+  const Plan p = make_plan(m);
+  Buffers b{};
+  int64_t bytes;
+  carve_tables(m, p, nullptr, b, &bytes);
   return bytes;
 }
 
@@ -1332,19 +1947,23 @@ int64_t mix_cuda_workspace_bytes(const CudaMix& m, bool backward) {
     case DType::F16: { using T = __half; __VA_ARGS__; break; }         \
   }
 
-void mix_forward_cuda(const CudaMix& m, const void* q, const void* k, const void* v, const void* bias, const void* gate_w, void* y,
-                      float* lse, void* ws) {
-  TOKMIX_DISPATCH(m.dtype, forward_t<T>(m, static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
-                                        static_cast<const T*>(bias), static_cast<const T*>(gate_w), static_cast<T*>(y), lse, ws));
+int32_t mix_forward_cuda(const CudaMix& m, const void* q, const void* k, const void* v, const void* bias, const void* gate_w, void* y,
+                         float* lse, void* ws, void* saved) {
+  int32_t flags = -1;
+  TOKMIX_DISPATCH(m.dtype, flags = forward_t<T>(m, static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
+                                        static_cast<const T*>(bias), static_cast<const T*>(gate_w), static_cast<T*>(y), lse, ws, saved));
+  return flags;
 }
 
-void mix_backward_cuda(const CudaMix& m, const void* q, const void* k, const void* v, const void* bias, const void* gate_w,
-                       const void* y, const float* lse, const void* dy, void* dq, void* dk, void* dv, float* dbias_units,
-                       float* dgate_units, void* ws) {
-  TOKMIX_DISPATCH(m.dtype, backward_t<T>(m, static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
+int32_t mix_backward_cuda(const CudaMix& m, const void* q, const void* k, const void* v, const void* bias, const void* gate_w,
+                          const void* y, const float* lse, const void* dy, void* dq, void* dk, void* dv, float* dbias_units,
+                          float* dgate_units, void* ws, const void* saved) {
+  int32_t flags = -1;
+  TOKMIX_DISPATCH(m.dtype, flags = backward_t<T>(m, static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
                                          static_cast<const T*>(bias), static_cast<const T*>(gate_w), static_cast<const T*>(y), lse,
                                          static_cast<const T*>(dy), static_cast<T*>(dq), static_cast<T*>(dk), static_cast<T*>(dv),
-                                         dbias_units, dgate_units, ws));
+                                         dbias_units, dgate_units, ws, saved));
+  return flags;
 }
 
 void decode_step_cuda(const PatternDesc& dev_pat, const DecodeProblem& pb, const CudaDecodeState& st, int32_t nbl, DType dtype,
