@@ -24,7 +24,7 @@ exec > >(tee "$OUT/gpu-ddp.log") 2>&1
 export NCCL_NVLS_ENABLE=0  # NVLink multicast off
 STEPS=${STEPS:-120} D_MODEL=${D_MODEL:-512} LAYERS=${LAYERS:-8} T=${T:-512} BATCH=${BATCH:-32}
 MIXER=${MIXER:-pow2} BF16=${BF16:-true} FAILURE_TEST=${FAILURE_TEST:-1}
-DEVICE=${DEVICE:-cuda} PY=${PY:-python3}
+DEVICE=${DEVICE:-cuda} PY=${PY:-$(command -v python3)}  # a path: the function below must not call itself
 python3() { "$PY" "$@"; }
 
 if [ -z "${TOKMIX_BIN:-}" ]; then
