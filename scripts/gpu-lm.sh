@@ -28,7 +28,7 @@ if [ ! -x build-gpu/tokmix ]; then
 fi
 TOKMIX=$PWD/build-gpu/tokmix
 NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
-ALL=${ONLY:-attention,first-order,recurrence,pow2,sq1,pow2-lattice,sq1-lattice}
+ALL=${ONLY:-attention,pow2-lattice,first-order,sq1-lattice,pow2,recurrence,sq1}
 IFS=, read -ra MIXERS <<<"$ALL"
 STEPS_ARG=()
 [ -n "${STEPS:-}" ] && STEPS_ARG=(--steps "$STEPS")
@@ -47,8 +47,11 @@ for p in "${pids[@]}"; do wait "$p" || rc=1; done
 for ((g = 0; g < NGPU; g++)); do
   [ -d build-gpu/lm-$g ] || continue
   mkdir -p "$OUT/lm-$g"
-  cp build-gpu/lm-$g/results.json build-gpu/lm-$g/settings.json "$OUT/lm-$g/" 2>/dev/null || true
-  for d in build-gpu/lm-$g/*/; do [ -f "$d/metrics.csv" ] && cp "$d/metrics.csv" "$OUT/lm-$g/$(basename "$d").csv"; done
+  cp build-gpu/lm-$g/results.json "$OUT/lm-$g/" 2>/dev/null || true
+  # one file of curves per GPU (the device tool brings back few files): mixer,metrics row
+  for d in build-gpu/lm-$g/*/; do
+    [ -f "$d/metrics.csv" ] && tail -n +2 "$d/metrics.csv" | sed "s|^|$(basename "$d"),|"
+  done >"$OUT/lm-$g/curves.csv"
   sed -n '/^Language modeling/,$p' "$OUT/lm-$g.log"
 done
 [ $rc = 0 ] || { echo "a reproduce process failed:"; tail -20 "$OUT"/lm-*.log; exit 1; }
