@@ -360,13 +360,26 @@ class LanguageModel(nn.Module):
         return DecodeState([b.mixer.new_state(batch, max_context) for b in self.blocks], batch, max_context)
 
     def prefill(self, state, prompts):
-        """prompts [batch, P] int64 (one length) -> logits of each prompt's last token [batch, vocab]."""
-        pos = TokenMixer._positions(prompts, None)
-        h = self._embed(prompts, pos)
+        """Runs the prompts and fills `state` (fresh): prompts [batch, P] int64, or a list of batch
+        1-D token sequences of any lengths (packed into one pass, as the C++ model does).
+        Returns the logits of each prompt's last token [batch, vocab]."""
+        if isinstance(prompts, torch.Tensor) and prompts.dim() == 2:
+            h = self._embed(prompts, TokenMixer._positions(prompts, None))
+            for b, s in zip(self.blocks, state.layers):
+                h = b.prefill(h, s)
+            state.positions = torch.full((prompts.shape[0],), prompts.shape[1], dtype=torch.int64)
+            return self._head(h[:, -1])
+        seqs = [torch.as_tensor(p, dtype=torch.int64, device=self.tok_emb.weight.device).view(-1) for p in prompts]
+        if any(p.numel() == 0 for p in seqs):
+            raise ValueError("LanguageModel.prefill: every prompt needs at least one token")
+        lengths = torch.tensor([p.numel() for p in seqs], dtype=torch.int64)
+        cu = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+        tokens = torch.cat(seqs).unsqueeze(0)
+        h = self._embed(tokens, TokenMixer._positions(tokens, cu))
         for b, s in zip(self.blocks, state.layers):
-            h = b.prefill(h, s)
-        state.positions = torch.full((prompts.shape[0],), prompts.shape[1], dtype=torch.int64)
-        return self._head(h[:, -1])
+            h = b.prefill(h, s, cu)
+        state.positions = lengths
+        return self._head(h[0, cu[1:] - 1])
 
     def step(self, state, tokens):
         """tokens [batch] int64 -> logits [batch, vocab]."""

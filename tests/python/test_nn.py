@@ -86,6 +86,21 @@ def test_decoding_matches_cpp_and_the_parallel_form(exported, name):
     assert torch.allclose(got, parallel, rtol=1e-4, atol=1e-5), f"vs parallel: max error {(got - parallel).abs().max()}"
 
 
+def test_prompts_of_different_lengths_then_steps_together(exported):
+    m = tnn.LanguageModel.from_safetensors(exported["mixed-learned"])
+    g = torch.Generator().manual_seed(fresh_seed())
+    prompts = [torch.randint(0, 37, (n,), generator=g) for n in (1, 9, 4)]
+    nxt = torch.randint(0, 37, (3,), generator=g)
+    with torch.no_grad():
+        s = m.new_decode_state(3)
+        last = m.prefill(s, prompts)
+        step = m.step(s, nxt)
+        for b, p in enumerate(prompts):
+            full = m(torch.cat([p, nxt[b:b + 1]]).unsqueeze(0))[0]
+            assert torch.allclose(last[b], full[-2], atol=1e-5), f"prompt {b}"
+            assert torch.allclose(step[b], full[-1], atol=1e-5), f"step {b}"
+
+
 def test_python_weights_load_in_cpp(tmp_path):
     m = tnn.LanguageModel(model_config("mixed-learned"))
     path = str(tmp_path / "py.safetensors")
@@ -169,4 +184,4 @@ def test_readme_python_example_runs():
     assert blocks, "README has no python example"
     env = {}
     exec(compile(blocks[0], "README.md", "exec"), env)
-    assert env["losses"][-1] < env["losses"][0], env["losses"]
+    assert env["losses"][-1] < env["losses"][0] - 0.1, env["losses"]
