@@ -54,6 +54,15 @@ if(TOKMIX_TESTS)
   endforeach()
   if(TOKMIX_TEST_PYTHON)
     message(STATUS "tokmix: Python tests with ${TOKMIX_TEST_PYTHON} (torch ${_found_torch})")
+    # the library is loaded next to the interpreter's own LibTorch: best when it is the very same files
+    execute_process(COMMAND ${TOKMIX_TEST_PYTHON} -c
+                    "import os, torch; print(os.path.realpath(os.path.join(os.path.dirname(torch.__file__), 'lib', 'libc10.so')))"
+                    OUTPUT_VARIABLE _py_c10 OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_QUIET)
+    get_filename_component(_our_c10 "${c10_LIBRARY}" REALPATH)
+    if(NOT _py_c10 STREQUAL _our_c10)
+      message(WARNING "tokmix: ${TOKMIX_TEST_PYTHON} loads ${_py_c10}; libtokmix_torch.so is built against ${_our_c10} "
+                      "(same version ${_torch_mm}, other files)")
+    endif()
     add_test(NAME python_tests
              COMMAND ${TOKMIX_TEST_PYTHON} -m pytest -q -p no:cacheprovider ${CMAKE_CURRENT_SOURCE_DIR}/tests/python)
     set_tests_properties(python_tests PROPERTIES LABELS python TIMEOUT 900
