@@ -485,3 +485,82 @@ TEST(Mix, BadInputGetsClearErrors) {
   for (int t = 0; t < 3; ++t) cache.step(torch::randn({1, 2, 4}), torch::randn({1, 2, 4}), torch::randn({1, 2, 4}));
   has(error_of([&] { cache.step(torch::randn({1, 2, 4}), torch::randn({1, 2, 4}), torch::randn({1, 2, 4})); }), "max_context = 3");
 }
+
+// ---------------------------------------------------------------------------------------------
+// The dispatcher registration (libtokmix_torch.so, what Python's torch.ops.tokmix loads): the op
+// found by its schema gives what tokmix::mix gives, forward and backward, and the same errors.
+#ifdef TOKMIX_TORCH_LIBRARY
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <dlfcn.h>
+
+namespace {
+using OptT = c10::optional<Tensor>;
+using MixSig = Tensor(const Tensor&, const OptT&, const Tensor&, c10::string_view, c10::string_view, const OptT&, const OptT&, const OptT&,
+                      double, double);
+
+c10::TypedOperatorHandle<MixSig> dispatcher_mix() {
+  static void* lib = dlopen(TOKMIX_TORCH_LIBRARY, RTLD_NOW | RTLD_GLOBAL);
+  if (!lib) throw std::runtime_error(std::string("cannot load ") + TOKMIX_TORCH_LIBRARY + ": " + dlerror());
+  return c10::Dispatcher::singleton().findSchemaOrThrow("tokmix::mix", "").typed<MixSig>();
+}
+}  // namespace
+
+TEST(Dispatcher, MixThroughTheDispatcherEqualsTokmixMix) {
+  auto op = dispatcher_mix();
+  EXPECT_EQ(op.schema().arguments().size(), 10u);
+  torch::manual_seed(fresh_seed());
+  auto d = torch::TensorOptions().dtype(torch::kFloat64);
+  for (const std::string spec : {"pow2", "A=local:3;B=pow2", "sq1-lattice"})
+    for (const std::string mode : {"softmax", "gate"}) {
+      SCOPED_TRACE(spec + " " + mode);
+      const int64_t B = 2, T = 19, H = 2, Dk = 5, Dv = 3;
+      const int64_t L = pattern_from_spec(spec)->num_levels(T);
+      Tensor q = torch::randn({B, T, H, Dk}, d), k = torch::randn({B, T, H, Dk}, d), v = torch::randn({B, T, H, Dv}, d);
+      Tensor bias = torch::randn({H, L}, d), gw = torch::randn({H, L, Dk}, d);
+      const bool gate = mode == "gate";
+      auto run = [&](bool through_dispatcher) {
+        Tensor qq = q.clone().requires_grad_(), kk = k.clone().requires_grad_(), vv = v.clone().requires_grad_(),
+               bb = bias.clone().requires_grad_(), gg = gw.clone().requires_grad_();
+        Tensor y;
+        if (through_dispatcher) {
+          y = op.call(qq, gate ? OptT() : OptT(kk), vv, spec, mode, OptT(bb), gate ? OptT(gg) : OptT(), OptT(), 0.7, 0.9);
+        } else {
+          MixOptions o;
+          o.mode = mode;
+          o.bias = bb;
+          if (gate) o.gate_weight = gg;
+          o.scale = 0.7;
+          o.gamma = 0.9;
+          y = mix(qq, gate ? Tensor() : kk, vv, spec, o);
+        }
+        (y * torch::cos(y)).sum().backward();
+        std::vector<Tensor> out = {y.detach(), qq.grad(), vv.grad(), bb.grad()};
+        out.push_back(gate ? gg.grad() : kk.grad());
+        return out;
+      };
+      auto a = run(true), b = run(false);
+      for (size_t i = 0; i < a.size(); ++i) {
+        ASSERT_TRUE(a[i].defined()) << "output " << i;
+        EXPECT_TRUE(torch::equal(a[i], b[i])) << "output " << i << " differs";
+      }
+    }
+}
+
+TEST(Dispatcher, ErrorsAreTheCppMessages) {
+  auto op = dispatcher_mix();
+  Tensor q = torch::randn({2, 3}), v = torch::randn({1, 4, 1, 2});
+  std::string direct, dispatched;
+  try {
+    mix(q, q, v, "pow2");
+  } catch (const std::exception& e) {
+    direct = e.what();
+  }
+  try {
+    op.call(q, OptT(q), v, "pow2", "softmax", OptT(), OptT(), OptT(), -1.0, 1.0);
+  } catch (const std::exception& e) {
+    dispatched = e.what();
+  }
+  EXPECT_NE(direct.find("q has shape [2, 3]; expected [B, T, H, Dk]"), std::string::npos) << direct;
+  EXPECT_EQ(direct, dispatched);
+}
+#endif
