@@ -8,7 +8,7 @@ set_target_properties(tokmix tokmix_core tokmix_kernels PROPERTIES POSITION_INDE
 if(TARGET tokmix_cuda)
   set_target_properties(tokmix_cuda PROPERTIES POSITION_INDEPENDENT_CODE ON)
 endif()
-foreach(t tokmix_cli test_ops test_nn test_data test_train test_infer bench_mix)
+foreach(t tokmix_cli test_ops test_nn test_data test_train test_infer test_dist bench_mix)
   if(TARGET ${t})
     target_compile_options(${t} PRIVATE -fPIC)
   endif()
