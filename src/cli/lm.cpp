@@ -209,7 +209,7 @@ struct LmPreset {
 
 LmPreset lm_preset(const std::string& name) {
   if (name == "quick") {
-    // 2 CPU cores, about 20 minutes for 7 mixers: a byte-level KJV, context 512 as in the paper
+    // 2 CPU cores, about 5 minutes for 7 mixers: a byte-level KJV, context 512 as in the paper
     return {{{"sources", {"kjv"}}, {"tokenizer", "byte"}, {"out", "data/kjv-byte"}},
             {{"d_model", 96}, {"n_layers", 2}, {"positions", "none"}, {"mlp", true}, {"mixer", {{"heads", 4}, {"conv", 4}}}},
             512, 8, 260, 65, 4, 3e-3, 4096, {512, 2048, 8192, 32768}, 32, "cpu", false};
@@ -404,7 +404,7 @@ CommandRegistrar reg_lm([](CLI::App& app) {
     bool verbose = false;
   };
   auto a = std::make_shared<Args>();
-  lm->add_option("--preset", a->preset, "quick (2 CPU cores, ~20 min) or gpu (one H200, ~30M-parameter models)")->check(CLI::IsMember({"quick", "gpu"}));
+  lm->add_option("--preset", a->preset, "quick (2 CPU cores, ~5 min) or gpu (one H200, ~30M-parameter models)")->check(CLI::IsMember({"quick", "gpu"}));
   lm->add_option("--out", a->out, "output directory");
   lm->add_option("--only", a->only, "mixer types to run")->delimiter(',');
   lm->add_option("--steps", a->steps, "override the training steps");

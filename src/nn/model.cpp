@@ -96,9 +96,33 @@ Tensor LanguageModelImpl::forward(const Tensor& tokens, const TokenPositions& p)
   if (longest > cfg_.max_context)
     throw std::invalid_argument("LanguageModel::forward: a sequence of " + std::to_string(longest) + " tokens exceeds max_context = " +
                                 std::to_string(cfg_.max_context));
+  return head(hidden(tokens, p));
+}
+
+Tensor LanguageModelImpl::hidden(const Tensor& tokens, const TokenPositions& p) {
   Tensor h = embed(tokens, p.pos);
   for (auto& b : blocks_) h = b->forward(h, p);
-  return head(h);
+  return h;
+}
+
+Tensor LanguageModelImpl::forward_at(const Tensor& tokens, const Tensor& flat_index) {
+  if (tokens.dim() != 2) throw std::invalid_argument("LanguageModel::forward_at: tokens must be [B, T]");
+  if (flat_index.dim() != 1 || flat_index.scalar_type() != torch::kInt64)
+    throw std::invalid_argument("LanguageModel::forward_at: flat_index must be a 1-D int64 tensor");
+  if (flat_index.numel() > 0) {
+    const int64_t lo = flat_index.min().item<int64_t>(), hi = flat_index.max().item<int64_t>();
+    if (lo < 0 || hi >= tokens.numel())
+      throw std::invalid_argument("LanguageModel::forward_at: index " + std::to_string(lo < 0 ? lo : hi) + " outside the " +
+                                  std::to_string(tokens.numel()) + " positions");
+  }
+  // forward()'s checks, then the blocks on every position (they mix across positions)
+  const TokenPositions p = TokenPositions::contiguous(tokens.size(0), tokens.size(1), tokens.device());
+  check_tokens(tokens);
+  if (tokens.size(1) > cfg_.max_context)
+    throw std::invalid_argument("LanguageModel::forward: a sequence of " + std::to_string(tokens.size(1)) + " tokens exceeds max_context = " +
+                                std::to_string(cfg_.max_context));
+  Tensor h = hidden(tokens, p);
+  return head(h.reshape({-1, h.size(-1)}).index_select(0, flat_index.to(h.device())));
 }
 
 DecodeState LanguageModelImpl::new_decode_state(int64_t batch, int64_t max_context) const {

@@ -309,3 +309,26 @@ TEST(Model, EveryMixerTrainsOnCopySavesAndLoads) {
   }
   std::printf("copy task, loss over 50 steps: %s\n", report.c_str());
 }
+
+// Logits at chosen positions equal the full forward's rows there, with gradients.
+TEST(LanguageModel, ForwardAtSelectedPositionsEqualsFullForward) {
+  for (std::string mixer : {"pow2", "attention", "sq1-lattice"}) {
+    torch::manual_seed(std::random_device{}());
+    LanguageModel m(ModelConfig::from_json(tiny({{"type", mixer}, {"heads", 2}}, 40, 32, 2, 64)));
+    Tensor tok = torch::randint(0, 40, {3, 37}, torch::kInt64);
+    Tensor idx = torch::tensor(std::vector<int64_t>{0, 5, 36, 37, 80, 110}, torch::kInt64);
+    Tensor full = m->forward(tok).reshape({-1, 40}).index_select(0, idx);
+    Tensor part = m->forward_at(tok, idx);
+    ASSERT_EQ(part.sizes(), full.sizes());
+    EXPECT_LT(rel_err(part, full), 1e-5) << mixer;
+    // the same gradient reaches the weights
+    m->zero_grad();
+    full.square().sum().backward();
+    Tensor g_full = m->named_parameters()["tok_emb.weight"].grad().clone();
+    m->zero_grad();
+    m->forward_at(tok, idx).square().sum().backward();
+    EXPECT_LT(rel_err(m->named_parameters()["tok_emb.weight"].grad(), g_full), 1e-4) << mixer;
+    EXPECT_THROW(m->forward_at(tok, torch::tensor(std::vector<int64_t>{111}, torch::kInt64)), std::invalid_argument);
+    EXPECT_THROW(m->forward_at(tok, torch::tensor(std::vector<int64_t>{-1}, torch::kInt64)), std::invalid_argument);
+  }
+}

@@ -41,6 +41,10 @@ class LanguageModelImpl : public torch::nn::Module {
   torch::Tensor forward(const torch::Tensor& tokens);
   // General form: tokens [B, T] with explicit positions (packed sequences: B == 1, cu_seqlens).
   torch::Tensor forward(const torch::Tensor& tokens, const TokenPositions& p);
+  // Logits at some positions only: rows `flat_index` (int64, into the B·T positions in order)
+  // -> [n, vocab]. Tasks that supervise few positions (MQAR: N of T) skip the output head,
+  // the largest product when the vocabulary is large, everywhere else.
+  torch::Tensor forward_at(const torch::Tensor& tokens, const torch::Tensor& flat_index);
 
   // A fresh decode state; max_context <= config().max_context (0 = the config's).
   DecodeState new_decode_state(int64_t batch, int64_t max_context = 0) const;
@@ -59,6 +63,7 @@ class LanguageModelImpl : public torch::nn::Module {
 
  private:
   torch::Tensor embed(const torch::Tensor& tokens, const torch::Tensor& pos);
+  torch::Tensor hidden(const torch::Tensor& tokens, const TokenPositions& p);  // before the final norm
   torch::Tensor head(const torch::Tensor& h);
   void check_tokens(const torch::Tensor& tokens) const;
 
