@@ -13,19 +13,7 @@ OUT=${OUT:-$PWD/build-gpu/out}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu-lm.log") 2>&1
 nvidia-smi --query-gpu=index,name,memory.total --format=csv || true
-if [ ! -x build-gpu/tokmix ]; then
-  TORCH_PREFIX=$(python3 -c 'import torch; print(torch.utils.cmake_prefix_path)')
-  PREFIX="$TORCH_PREFIX"
-  [ -d build-deps ] && PREFIX="$PREFIX;$PWD/build-deps"
-  GEN=()
-  command -v ninja >/dev/null && GEN=(-G Ninja)
-  NVCC=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
-  cmake -S . -B build-gpu "${GEN[@]}" -DCMAKE_BUILD_TYPE=Release -DTOKMIX_CUDA=ON -DTOKMIX_TESTS=OFF -DTOKMIX_BENCH=OFF \
-    -DTOKMIX_NATIVE=OFF -DCMAKE_PREFIX_PATH="$PREFIX" -DCMAKE_CUDA_COMPILER="$NVCC" -DTOKMIX_GLOO=OFF >"$OUT/configure.log" 2>&1 ||
-    { tail -40 "$OUT/configure.log"; exit 1; }
-  time cmake --build build-gpu -j"$(nproc)" --target tokmix_cli >"$OUT/build.log" 2>&1 ||
-    { grep -B2 -A8 -m5 "error" "$OUT/build.log"; tail -20 "$OUT/build.log"; exit 1; }
-fi
+[ -x build-gpu/tokmix ] || OUT="$OUT" bash scripts/gpu-build.sh tokmix_cli -- -DTOKMIX_GLOO=OFF
 TOKMIX=$PWD/build-gpu/tokmix
 NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
 ALL=${ONLY:-attention,pow2-lattice,first-order,sq1-lattice,pow2,recurrence,sq1}

@@ -12,15 +12,7 @@ OUT=${OUT:-$PWD/build-gpu/out}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu-mqar.log") 2>&1
 STEPS=${STEPS:-3000} LRS=${LRS:-"1e-3 3e-3"} PER_GPU=${PER_GPU:-6}
-if [ ! -x build-gpu/tokmix ]; then
-  PREFIX="$(python3 -c 'import torch; print(torch.utils.cmake_prefix_path)')"
-  [ -d build-deps ] && PREFIX="$PREFIX;$PWD/build-deps"
-  GEN=(); command -v ninja >/dev/null && GEN=(-G Ninja)
-  cmake -S . -B build-gpu "${GEN[@]}" -DCMAKE_BUILD_TYPE=Release -DTOKMIX_CUDA=ON -DTOKMIX_TESTS=OFF -DTOKMIX_BENCH=OFF -DTOKMIX_NATIVE=OFF \
-    -DCMAKE_PREFIX_PATH="$PREFIX" -DCMAKE_CUDA_COMPILER="$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)" -DTOKMIX_GLOO=OFF \
-    >"$OUT/configure.log" 2>&1 || { tail -40 "$OUT/configure.log"; exit 1; }
-  cmake --build build-gpu -j"$(nproc)" --target tokmix_cli >"$OUT/build.log" 2>&1 || { grep -B2 -A8 -m5 error "$OUT/build.log"; exit 1; }
-fi
+[ -x build-gpu/tokmix ] || OUT="$OUT" bash scripts/gpu-build.sh tokmix_cli -- -DTOKMIX_GLOO=OFF
 TOKMIX=$PWD/build-gpu/tokmix
 NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
 DIR=$PWD/build-gpu/mqar

@@ -10,6 +10,10 @@ namespace tokmix::cli {
 using CommandSetup = std::function<void(CLI::App& app)>;
 std::vector<CommandSetup>& command_registry();
 
+// `tokmix reproduce`, shared by the command files that add a reproduction under it (table1, lm):
+// created by the first caller, found by the others.
+CLI::App* reproduce_command(CLI::App& app);
+
 struct CommandRegistrar {
   explicit CommandRegistrar(CommandSetup f) { command_registry().push_back(std::move(f)); }
 };

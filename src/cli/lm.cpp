@@ -22,14 +22,6 @@ namespace {
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 
-CLI::App* reproduce_command(CLI::App& app) {
-  for (auto* s : app.get_subcommands([](CLI::App*) { return true; }))
-    if (s->get_name() == "reproduce") return s;
-  auto* rep = app.add_subcommand("reproduce", "Reproduce the paper's results");
-  rep->require_subcommand(1);
-  return rep;
-}
-
 CommandRegistrar reg_corpus([](CLI::App& app) {
   auto* cmd = app.add_subcommand("corpus", "Build a tokenized corpus (train.bin / val.bin, memory-mapped) from text sources");
   auto o = std::make_shared<data::CorpusOptions>();
@@ -324,7 +316,7 @@ void run_lm(const std::string& preset_name, const std::string& out, const std::v
   auto t0 = Clock::now();
   for (size_t i = 0; i < ms.size(); ++i) {
     nlohmann::json model = p.model;
-    for (auto it = ms[i].mixer.begin(); it != ms[i].mixer.end(); ++it) model["mixer"][it.key()] = it.value();
+    model["mixer"].update(ms[i].mixer);
     model["max_context"] = p.context;
     const std::string run = (dir / ms[i].mixer["type"].get<std::string>()).string();
     nlohmann::json tj = {{"model", model},          {"corpus", p.corpus["out"]}, {"context", p.context},
@@ -351,7 +343,7 @@ void run_lm(const std::string& preset_name, const std::string& out, const std::v
   std::vector<std::vector<DecodeSpeed>> sweep(ms.size());
   for (size_t i = 0; i < ms.size(); ++i) {
     nlohmann::json model = p.model;
-    for (auto it = ms[i].mixer.begin(); it != ms[i].mixer.end(); ++it) model["mixer"][it.key()] = it.value();
+    model["mixer"].update(ms[i].mixer);
     for (int64_t c : p.sweep_contexts) {
       sweep[i].push_back(decode_speed(model, corpus.vocab_size, c, p.decode_steps, p.device));
       std::fprintf(stderr, "  decode %-24s context %7lld: %8.1f tok/s, cache %lld bytes\n", ms[i].label.c_str(), (long long)c,

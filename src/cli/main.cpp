@@ -17,6 +17,14 @@ std::vector<CommandSetup>& command_registry() {
   return r;
 }
 
+CLI::App* reproduce_command(CLI::App& app) {
+  for (auto* s : app.get_subcommands([](CLI::App*) { return true; }))
+    if (s->get_name() == "reproduce") return s;
+  auto* rep = app.add_subcommand("reproduce", "Reproduce the paper's results");
+  rep->require_subcommand(1);
+  return rep;
+}
+
 namespace {
 
 std::string join_1idx(const std::vector<Entry>& es) {

@@ -141,15 +141,7 @@ void run_table1(const std::string& preset_name, const std::string& out, std::vec
 }
 
 CommandRegistrar reg([](CLI::App& app) {
-  // `reproduce` is shared with other command files (reproduce lm): whichever registers first adds it
-  CLI::App* rep = nullptr;
-  for (auto* s : app.get_subcommands([](CLI::App*) { return true; }))
-    if (s->get_name() == "reproduce") rep = s;
-  if (!rep) {
-    rep = app.add_subcommand("reproduce", "Reproduce the paper's results");
-    rep->require_subcommand(1);
-  }
-  auto* t1 = rep->add_subcommand("table1", "Table 1: copy, associative recall and multi-hop recall for every structure");
+  auto* t1 = reproduce_command(app)->add_subcommand("table1", "Table 1: copy, associative recall and multi-hop recall for every structure");
   struct Args {
     std::string preset = "quick", out = "out/table1";
     std::vector<std::string> only;

@@ -224,6 +224,14 @@ std::string read_all(const std::string& path) {
   return ss.str();
 }
 
+// End of the block that starts at pos: the first line break at or after pos + bytes (or the end).
+size_t block_end(const std::string& t, size_t pos, size_t bytes) {
+  const size_t end = std::min(t.size(), pos + bytes);
+  if (end == t.size()) return end;
+  const size_t nl = t.find('\n', end);
+  return nl == std::string::npos ? t.size() : nl + 1;
+}
+
 // "Ge1:1 In the beginning ..." -> "In the beginning ..."
 std::string strip_verse_refs(const std::string& raw) {
   std::string out;
@@ -480,11 +488,7 @@ CorpusInfo build_corpus(const CorpusOptions& o, std::ostream* log) {
   size_t pos = 0;
   int64_t block = 0;
   while (pos < text.size()) {
-    size_t end = std::min(text.size(), pos + size_t(o.block_bytes));
-    if (end < text.size()) {
-      size_t nl = text.find('\n', end);
-      end = nl == std::string::npos ? text.size() : nl + 1;
-    }
+    const size_t end = block_end(text, pos, size_t(o.block_bytes));
     ((block % o.val_every) == o.val_every - 1 ? val_text : train_text).append(text, pos, end - pos);
     pos = end;
     ++block;
@@ -528,11 +532,7 @@ CorpusInfo build_corpus(const CorpusOptions& o, std::ostream* log) {
     // encode block by block at line breaks: bounded memory, and BPE pieces never cross lines
     size_t p = 0;
     while (p < t.size()) {
-      size_t end = std::min(t.size(), p + size_t(1 << 16));
-      if (end < t.size()) {
-        size_t nl = t.find('\n', end);
-        end = nl == std::string::npos ? t.size() : nl + 1;
-      }
+      const size_t end = block_end(t, p, size_t(1) << 16);
       auto ids = tok->encode(t.substr(p, end - p));
       for (int64_t id : ids) {
         if (info.dtype == "uint16") {

@@ -87,7 +87,9 @@ Tensor LanguageModelImpl::forward(const Tensor& tokens) {
   return forward(tokens, TokenPositions::contiguous(tokens.size(0), tokens.size(1), tokens.device()));
 }
 
-Tensor LanguageModelImpl::forward(const Tensor& tokens, const TokenPositions& p) {
+Tensor LanguageModelImpl::forward(const Tensor& tokens, const TokenPositions& p) { return head(hidden(tokens, p)); }
+
+Tensor LanguageModelImpl::hidden(const Tensor& tokens, const TokenPositions& p) {
   if (tokens.dim() != 2) throw std::invalid_argument("LanguageModel::forward: tokens must be [B, T]");
   check_tokens(tokens);
   if (!p.pos.defined() || !p.pos.sizes().equals(tokens.sizes()))
@@ -96,10 +98,6 @@ Tensor LanguageModelImpl::forward(const Tensor& tokens, const TokenPositions& p)
   if (longest > cfg_.max_context)
     throw std::invalid_argument("LanguageModel::forward: a sequence of " + std::to_string(longest) + " tokens exceeds max_context = " +
                                 std::to_string(cfg_.max_context));
-  return head(hidden(tokens, p));
-}
-
-Tensor LanguageModelImpl::hidden(const Tensor& tokens, const TokenPositions& p) {
   Tensor h = embed(tokens, p.pos);
   for (auto& b : blocks_) h = b->forward(h, p);
   return h;
@@ -115,13 +113,8 @@ Tensor LanguageModelImpl::forward_at(const Tensor& tokens, const Tensor& flat_in
       throw std::invalid_argument("LanguageModel::forward_at: index " + std::to_string(lo < 0 ? lo : hi) + " outside the " +
                                   std::to_string(tokens.numel()) + " positions");
   }
-  // forward()'s checks, then the blocks on every position (they mix across positions)
-  const TokenPositions p = TokenPositions::contiguous(tokens.size(0), tokens.size(1), tokens.device());
-  check_tokens(tokens);
-  if (tokens.size(1) > cfg_.max_context)
-    throw std::invalid_argument("LanguageModel::forward: a sequence of " + std::to_string(tokens.size(1)) + " tokens exceeds max_context = " +
-                                std::to_string(cfg_.max_context));
-  Tensor h = hidden(tokens, p);
+  // the blocks run on every position (they mix across positions); the head only where asked
+  Tensor h = hidden(tokens, TokenPositions::contiguous(tokens.size(0), tokens.size(1), tokens.device()));
   return head(h.reshape({-1, h.size(-1)}).index_select(0, flat_index.to(h.device())));
 }
 

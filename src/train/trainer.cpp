@@ -64,6 +64,13 @@ std::string get_str(const nlohmann::json& j, const std::string& key, const std::
   return v.get<std::string>();
 }
 
+// Windows of T + 1 corpus tokens [B, T + 1] -> inputs tokens [0, T), labels tokens [1, T + 1).
+data::Batch window_batch(const Tensor& win) {
+  using torch::indexing::Slice;
+  const int64_t T = win.size(1) - 1;
+  return {win.index({Slice(), Slice(0, T)}).contiguous(), win.index({Slice(), Slice(1, T + 1)}).contiguous()};
+}
+
 // Where the batches of a run come from.
 struct Source {
   bool synthetic = true;
@@ -79,8 +86,7 @@ struct Source {
       Tensor win = torch::empty({B, context + 1}, torch::kInt64);
       for (int64_t r = 0; r < B; ++r)
         tokens->read(data::train_window_start(seed, step, r, tokens->size(), context), context + 1, win[r].data_ptr<int64_t>());
-      using torch::indexing::Slice;
-      return {win.index({Slice(), Slice(0, context)}).contiguous(), win.index({Slice(), Slice(1, context + 1)}).contiguous()};
+      return window_batch(win);
     }
     if (synthetic) return data::make_batch(task, B, seed, step);
     const int64_t n = dataset.size();
@@ -136,10 +142,9 @@ struct Scored {
 // Positions that carry a label, when they are under half of all: computing logits there alone
 // gives the same loss and accuracy (the head is per position) for a fraction of the work.
 Tensor sparse_supervision(const Tensor& flat_labels) {
-  Tensor mask = flat_labels != data::kIgnore;
-  const int64_t n = mask.sum().item<int64_t>();
-  if (n == 0 || 2 * n >= flat_labels.numel()) return Tensor();
-  return mask.nonzero().squeeze(1);
+  Tensor at = (flat_labels != data::kIgnore).nonzero().squeeze(1);  // one host sync, as the count needs
+  if (at.numel() == 0 || 2 * at.numel() >= flat_labels.numel()) return Tensor();
+  return at;
 }
 
 Scored score(nn::LanguageModelImpl& model, const data::Batch& b, torch::Device dev) {
@@ -404,12 +409,11 @@ EvalResult evaluate(nn::LanguageModelImpl& model, const data::CorpusInfo& corpus
                                 " tokens, fewer than one window of context " + std::to_string(context) + " + 1");
   Scored tot;
   const auto dev = model.parameters().front().device();
-  using torch::indexing::Slice;
   for (int64_t first = part * batch_size; first < n; first += batch_size * parts) {
     const int64_t B = std::min(batch_size, n - first);
     Tensor win = torch::empty({B, context + 1}, torch::kInt64);
     for (int64_t r = 0; r < B; ++r) val.read((first + r) * context, context + 1, win[r].data_ptr<int64_t>());
-    Scored s = score(model, {win.index({Slice(), Slice(0, context)}), win.index({Slice(), Slice(1, context + 1)})}, dev);
+    Scored s = score(model, window_batch(win), dev);
     tot.loss_sum += s.loss_sum;
     tot.correct += s.correct;
     tot.supervised += s.supervised;

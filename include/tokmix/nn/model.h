@@ -63,7 +63,8 @@ class LanguageModelImpl : public torch::nn::Module {
 
  private:
   torch::Tensor embed(const torch::Tensor& tokens, const torch::Tensor& pos);
-  torch::Tensor hidden(const torch::Tensor& tokens, const TokenPositions& p);  // before the final norm
+  // checks the inputs, then embedding and blocks: the states before the final norm
+  torch::Tensor hidden(const torch::Tensor& tokens, const TokenPositions& p);
   torch::Tensor head(const torch::Tensor& h);
   void check_tokens(const torch::Tensor& tokens) const;
 
