@@ -443,9 +443,12 @@ TEST(DistTrain, StalledRankTimesOut) {
 
 TEST(Launch, SetsTheVariablesPrefixesOutputAndStopsTheOthersWhenOneFails) {
   const std::string dir = tmpdir("launch");
+  // rank 1 fails only once rank 0 has printed (a file says so): under load, a rank stopped
+  // before its first line would otherwise make the output checks below a race
   const std::string script =
       "echo \"vars $RANK $WORLD_SIZE $LOCAL_RANK $LOCAL_WORLD_SIZE $MASTER_ADDR $MASTER_PORT\"; "
-      "if [ \"$RANK\" = 1 ]; then echo bye >&2; exit 3; fi; sleep 30";
+      "if [ \"$RANK\" = 0 ]; then touch " + dir + "/rank0-printed; sleep 30; fi; "
+      "while [ ! -e " + dir + "/rank0-printed ]; do sleep 0.05; done; echo bye >&2; exit 3";
   const auto t0 = Clock::now();
   const int rc = run({kExe, "launch", "--nproc", "2", "--master-port", "4567", "--grace", "2", "--", "/bin/sh", "-c", script}, dir + "/log", 60);
   const double took = std::chrono::duration<double>(Clock::now() - t0).count();
