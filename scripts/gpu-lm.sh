@@ -6,14 +6,15 @@
 #   scripts/gpu-lm.sh            (carry: build-deps and data/kjv-bpe8192, built here with
 #                                 `tokmix corpus --source kjv --tokenizer bpe:8192 --out data/kjv-bpe8192`)
 # Settings (environment): STEPS (the preset's), ONLY (mixer types, comma-separated; default all).
-# Results go to $OUT (else build-gpu/out): lm-<gpu>/results.json, the logs and the curves.
+# Results go to $OUT (else build-gpu/out): results-all.json, curves.csv, lm-<gpu>.log, generate.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/build-gpu/out}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu-lm.log") 2>&1
 nvidia-smi --query-gpu=index,name,memory.total --format=csv || true
-[ -x build-gpu/tokmix ] || OUT="$OUT" bash scripts/gpu-build.sh tokmix_cli -- -DTOKMIX_GLOO=OFF
+# build logs stay in build-gpu/out (the device tool brings back 8 files at most)
+[ -x build-gpu/tokmix ] || OUT="$PWD/build-gpu/out" bash scripts/gpu-build.sh tokmix_cli -- -DTOKMIX_GLOO=OFF
 TOKMIX=$PWD/build-gpu/tokmix
 NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
 ALL=${ONLY:-attention,pow2-lattice,first-order,sq1-lattice,pow2,recurrence,sq1}
@@ -32,17 +33,24 @@ for ((g = 0; g < NGPU; g++)); do
 done
 rc=0
 for p in "${pids[@]}"; do wait "$p" || rc=1; done
+# one file of results (a JSON array, one element per GPU) and one of curves (mixer,metrics row)
+"${PY:-python3}" - "$NGPU" "$OUT/results-all.json" <<'PYEOF' || true
+import json, os, sys
+n, out = int(sys.argv[1]), sys.argv[2]
+res = []
+for g in range(n):
+    p = f"build-gpu/lm-{g}/results.json"
+    if os.path.exists(p):
+        res.append(json.load(open(p)))
+json.dump(res, open(out, "w"), indent=1)
+PYEOF
 for ((g = 0; g < NGPU; g++)); do
-  [ -d build-gpu/lm-$g ] || continue
-  mkdir -p "$OUT/lm-$g"
-  cp build-gpu/lm-$g/results.json "$OUT/lm-$g/" 2>/dev/null || true
-  # one file of curves per GPU (the device tool brings back few files): mixer,metrics row
   for d in build-gpu/lm-$g/*/; do
     [ -f "$d/metrics.csv" ] && tail -n +2 "$d/metrics.csv" | sed "s|^|$(basename "$d"),|"
-  done >"$OUT/lm-$g/curves.csv"
-  sed -n '/^Language modeling/,$p' "$OUT/lm-$g.log"
-done
-[ $rc = 0 ] || { echo "a reproduce process failed:"; tail -20 "$OUT"/lm-*.log; exit 1; }
+  done
+  sed -n '/^Language modeling/,$p' "$OUT/lm-$g.log" >&2
+done >"$OUT/curves.csv"
+[ $rc = 0 ] || { echo "a reproduce process failed:"; for f in "$OUT"/lm-*.log; do echo "== $f"; tail -n 60 "$f"; done; exit 1; }
 # generation through prefill and cached decoding on the GPU (token ids: the BPE decoder is a
 # CPU-side module this machine may lack)
 CK=$(ls -d build-gpu/lm-*/pow2-lattice/checkpoint 2>/dev/null | head -1 || true)

@@ -42,6 +42,10 @@ class MixCache {
   // (all prompts of length T) or packed [1, total, H, D] with opt.cu_seqlens of batch+1 entries.
   // Returns y in the layout of q. Every sequence must be empty (fresh cache or reset()).
   torch::Tensor prefill(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const MixOptions& opt = {});
+  // The same, when the caller already has the prompt's outputs y = mix(q, k, v, pattern, opt)
+  // (a fused attention kernel computed them): only fills the cache.
+  void prefill_outputs(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& y,
+                       const MixOptions& opt = {});
   // One token for every sequence: q, k [batch, H, Dk], v [batch, H, Dv] -> y [batch, H, Dv].
   torch::Tensor step(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const MixOptions& opt = {});
 
@@ -61,6 +65,7 @@ class MixCache {
 
  private:
   void store_from_prompt(int64_t b, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& y, int64_t len);
+  void check_prefill(const torch::Tensor& q, const MixOptions& opt) const;
   std::shared_ptr<const Pattern> pattern_;
   int64_t batch_, H_, Dk_, Dv_, max_context_;
   int64_t capA_, capB_;

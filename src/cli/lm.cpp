@@ -211,7 +211,7 @@ LmPreset lm_preset(const std::string& name) {
     // the KJV holds ~0.93M BPE tokens: 400 steps of 32 x 512 tokens is about 7 epochs
     return {{{"sources", {"kjv"}}, {"tokenizer", "bpe:8192"}, {"out", "data/kjv-bpe8192"}},
             {{"d_model", 512}, {"n_layers", 8}, {"positions", "none"}, {"mlp", true}, {"mixer", {{"heads", 8}, {"conv", 4}}}},
-            512, 32, 400, 50, 8, 1e-3, 4096, {512, 4096, 32768, 131072}, 64, "cuda", true};
+            512, 32, 400, 50, 8, 1e-3, 4096, {512, 4096, 32768}, 64, "cuda", true};
   }
   throw std::invalid_argument("preset '" + name + "' is not known; accepted: quick, gpu");
 }
@@ -326,11 +326,13 @@ void run_lm(const std::string& preset_name, const std::string& out, const std::v
     const auto o = train::TrainOptions::from_json(tj, "reproduce lm");
     Row row;
     row.label = ms[i].label;
+    std::fprintf(stderr, "[%zu/%zu] %s: training %lld steps on %s\n", i + 1, ms.size(), ms[i].label.c_str(), (long long)p.steps, p.device.c_str());
     row.r = train::train(o, false, verbose ? &std::cerr : nullptr);
     {
       std::ifstream rf(fs::path(run) / "result.json");
       row.params = nlohmann::json::parse(rf).at("parameters").get<int64_t>();
     }
+    std::fprintf(stderr, "[%zu/%zu] %s: decode speed at context %lld\n", i + 1, ms.size(), ms[i].label.c_str(), (long long)p.decode_context);
     row.dec = decode_speed(model, corpus.vocab_size, p.decode_context, p.decode_steps, p.device);
     rows.push_back(row);
     run_dirs.push_back(run);

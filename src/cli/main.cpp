@@ -1,13 +1,12 @@
 // tokmix: define a token mixer by its structure, run it, decode it, measure it.
-#include <execinfo.h>
-#include <unistd.h>
 
-#include <csignal>
+
 #include <cstdio>
 #include <iostream>
 #include <set>
 
 #include "commands.h"
+#include "tokmix/crash_report.h"
 #include "tokmix/pattern.h"
 
 namespace tokmix::cli {
@@ -99,22 +98,8 @@ CommandRegistrar reg_pattern([](CLI::App& app) {
 
 }  // namespace tokmix::cli
 
-namespace {
-// A crash prints where it happened (symbol names: the executable links with -rdynamic), then
-// dies of the same signal, so a failing run on a machine without a debugger still says why.
-void on_fatal_signal(int sig) {
-  const char msg[] = "tokmix: fatal signal; stack:\n";
-  (void)!write(2, msg, sizeof msg - 1);
-  void* frames[64];
-  const int n = backtrace(frames, 64);
-  backtrace_symbols_fd(frames, n, 2);
-  std::signal(sig, SIG_DFL);
-  std::raise(sig);
-}
-}  // namespace
-
 int main(int argc, char** argv) {
-  for (int sig : {SIGSEGV, SIGBUS, SIGILL, SIGFPE}) std::signal(sig, on_fatal_signal);
+  tokmix::install_crash_report();
   CLI::App app{"tokmix: generalized linear token mixing, Y = (I - B)^{-1} A X"};
   app.require_subcommand(1);
   for (auto& setup : tokmix::cli::command_registry()) setup(app);

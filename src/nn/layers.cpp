@@ -238,7 +238,13 @@ Tensor TokenMixerImpl::prefill(const Tensor& x, const TokenPositions& p, MixerSt
   qkv(u, p.pos, q, k, v);
   MixOptions o = mix_options();
   o.cu_seqlens = p.cu_seqlens;
-  Tensor y = s.cache->prefill(q, k, v, o);
+  Tensor y;
+  if (cfg_.impl == "fused" && !force_generic_) {  // the prompt through the fused kernel, as in forward
+    y = fused_attention(q, k, v, p, pattern_->A().window, bias, 1.0 / std::sqrt(double(cfg_.d_key)));
+    s.cache->prefill_outputs(q, k, v, y, o);
+  } else {
+    y = s.cache->prefill(q, k, v, o);
+  }
   return finish(y, x);
 }
 

@@ -550,13 +550,16 @@ void MixCache::store_from_prompt(int64_t b, const Tensor& k, const Tensor& v, co
 }
 
 torch::Tensor MixCache::prefill(const Tensor& q, const Tensor& k, const Tensor& v, const MixOptions& opt) {
+  check_prefill(q, opt);
+  Tensor y = mix(q, k, v, *pattern_, opt);
+  prefill_outputs(q, k, v, y, opt);
+  return y;
+}
+
+void MixCache::check_prefill(const Tensor& q, const MixOptions& opt) const {
   for (int64_t b = 0; b < batch_; ++b)
     if (pos_[b] != 0) throw std::invalid_argument("tokmix::MixCache::prefill: sequence " + std::to_string(b) + " already holds " +
                                                   std::to_string(pos_[b]) + " tokens; expected an empty cache (call reset())");
-  Tensor y = mix(q, k, v, *pattern_, opt);
-  const bool gate = opt.mode == "gate";
-  Tensor kk = gate ? q : k;
-  Tensor yd = y.detach();
   if (opt.cu_seqlens.defined()) {
     Tensor cu = opt.cu_seqlens.to(torch::kCPU, torch::kInt64);
     if (cu.numel() - 1 != batch_)
@@ -568,19 +571,31 @@ torch::Tensor MixCache::prefill(const Tensor& q, const Tensor& k, const Tensor& 
         throw std::invalid_argument("tokmix::MixCache::prefill: prompt " + std::to_string(b) + " has " + std::to_string(len) +
                                     " tokens; the cache was made for max_context = " + std::to_string(max_context_));
     }
-    for (int64_t b = 0; b < batch_; ++b) {
-      int64_t t0 = cu[b].item<int64_t>(), t1 = cu[b + 1].item<int64_t>();
-      store_from_prompt(b, kk[0].slice(0, t0, t1).detach(), v[0].slice(0, t0, t1).detach(), yd[0].slice(0, t0, t1), t1 - t0);
-    }
   } else {
     if (q.size(0) != batch_)
       throw std::invalid_argument("tokmix::MixCache::prefill: batch " + std::to_string(q.size(0)) + "; the cache holds " + std::to_string(batch_));
     if (q.size(1) > max_context_)
       throw std::invalid_argument("tokmix::MixCache::prefill: prompt of " + std::to_string(q.size(1)) + " tokens; max_context = " +
                                   std::to_string(max_context_));
+  }
+}
+
+void MixCache::prefill_outputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& y, const MixOptions& opt) {
+  check_prefill(q, opt);
+  if (!y.defined() || y.dim() != 4 || y.size(0) != v.size(0) || y.size(1) != v.size(1) || y.size(2) != H_ || y.size(3) != Dv_)
+    throw std::invalid_argument("tokmix::MixCache::prefill: outputs y of shape " + shape_str(y) + "; expected v's shape " + shape_str(v));
+  const bool gate = opt.mode == "gate";
+  Tensor kk = gate ? q : k;
+  Tensor yd = y.detach();
+  if (opt.cu_seqlens.defined()) {
+    Tensor cu = opt.cu_seqlens.to(torch::kCPU, torch::kInt64);
+    for (int64_t b = 0; b < batch_; ++b) {
+      int64_t t0 = cu[b].item<int64_t>(), t1 = cu[b + 1].item<int64_t>();
+      store_from_prompt(b, kk[0].slice(0, t0, t1).detach(), v[0].slice(0, t0, t1).detach(), yd[0].slice(0, t0, t1), t1 - t0);
+    }
+  } else {
     for (int64_t b = 0; b < batch_; ++b) store_from_prompt(b, kk[b].detach(), v[b].detach(), yd[b], q.size(1));
   }
-  return y;
 }
 
 torch::Tensor MixCache::step(const Tensor& q, const Tensor& k, const Tensor& v, const MixOptions& opt) {

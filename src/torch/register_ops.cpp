@@ -15,6 +15,7 @@
 
 #include "tokmix/analysis.h"
 #include "tokmix/analysis_json.h"
+#include "tokmix/crash_report.h"
 #include "tokmix/mix.h"
 #include "tokmix/nn/checkpoint.h"
 #include "tokmix/nn/config.h"
@@ -26,6 +27,14 @@ namespace {
 using at::Tensor;
 using OptTensor = c10::optional<Tensor>;
 using nlohmann::json;
+
+// TOKMIX_CRASH_REPORT=1: a crash inside the process prints where it happened (Python's own
+// faulthandler shows only Python frames)
+const bool crash_report = [] {
+  const char* e = std::getenv("TOKMIX_CRASH_REPORT");
+  if (e && std::string(e) == "1") install_crash_report();
+  return true;
+}();
 
 std::string str(c10::string_view s) { return std::string(s.data(), s.size()); }
 
