@@ -3,6 +3,9 @@
 
 #include <malloc.h>
 #include <omp.h>
+#include <unistd.h>
+
+#include <cstdlib>
 
 #include <map>
 #include <mutex>
@@ -142,10 +145,76 @@ Checked check(const Tensor& q, const Tensor& k, const Tensor& v, const Pattern& 
   return c;
 }
 
+// Large CPU buffers of the op (relayouts, outputs, gradients) come from a cache of freed blocks.
+// glibc serves every allocation above 32 MB (its largest mmap threshold) with a mapping of its
+// own and unmaps it when freed, so each call of the op faulted in, and the kernel cleared, fresh
+// pages: with page faults about a fifth of the time of a pow2 forward and backward at
+// T = 65536 (perf). Blocks are reused at their exact size (training repeats its shapes); the
+// cache keeps at most a quarter of the machine's memory and gives back the rest.
+class BlockCache {
+ public:
+  static BlockCache& get() {
+    static BlockCache* c = new BlockCache;  // never destroyed: tensors may be freed at exit
+    return *c;
+  }
+  void* take(size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      auto it = free_.find(bytes);
+      if (it != free_.end()) {
+        void* p = it->second;
+        free_.erase(it);
+        cached_ -= bytes;
+        return p;
+      }
+    }
+    void* p = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+    if (!p) throw std::bad_alloc();
+    return p;
+  }
+  void give(void* p, size_t bytes) {
+    std::lock_guard<std::mutex> lk(mu_);
+    while (cached_ + bytes > limit_ && !free_.empty()) {  // the largest blocks go first
+      auto last = std::prev(free_.end());
+      cached_ -= last->first;
+      std::free(last->second);
+      free_.erase(last);
+    }
+    if (cached_ + bytes > limit_) {
+      std::free(p);
+      return;
+    }
+    free_.emplace(bytes, p);
+    cached_ += bytes;
+  }
+
+ private:
+  BlockCache() {
+    const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+    limit_ = pages > 0 && page > 0 ? size_t(pages) * size_t(page) / 4 : (size_t(1) << 30);
+  }
+  std::mutex mu_;
+  std::multimap<size_t, void*> free_;
+  size_t cached_ = 0, limit_ = 0;
+};
+
+constexpr size_t kCachedBufferBytes = size_t(32) << 20;
+
+// An uninitialised CPU tensor, from the block cache when large.
+Tensor cpu_buffer(at::IntArrayRef sizes, const torch::TensorOptions& o) {
+  size_t n = 1;
+  for (auto d : sizes) n *= size_t(d);
+  const size_t bytes = n * c10::elementSize(c10::typeMetaToScalarType(o.dtype()));
+  if (bytes < kCachedBufferBytes) return torch::empty(sizes, o);
+  void* p = BlockCache::get().take(bytes);
+  return torch::from_blob(p, sizes, [bytes](void* q) { BlockCache::get().give(q, bytes); }, o);
+}
+Tensor buffer_like(const Tensor& t) { return t.is_cuda() ? torch::empty_like(t) : cpu_buffer(t.sizes(), t.options()); }
+
 // [B, T, H, D] -> memory [B, H, T, D] so that a head's rows are contiguous; refuses NaN/Inf.
 Tensor to_heads(const Tensor& t, const char* name) {
   if (!t.is_cuda() && t.numel() > 0 && t.stride(3) == 1) {
-    Tensor out = torch::empty({t.size(0), t.size(2), t.size(1), t.size(3)}, t.options());
+    Tensor out = cpu_buffer({t.size(0), t.size(2), t.size(1), t.size(3)}, t.options());
     bool finite = true;
     AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "relayout", [&] {
       finite = kernels::relayout_to_heads_cpu<scalar_t>(t.data_ptr<scalar_t>(), t.size(0), t.size(1), t.size(2), t.size(3), t.stride(0),
@@ -289,7 +358,7 @@ class MixFunction : public torch::autograd::Function<MixFunction> {
     const bool gate = c.pb.mode == kernels::Mode::Gate;
     Tensor qh = to_heads(q, "q"), vh = to_heads(v, "v"), kh = gate ? qh : to_heads(k, "k");
     Tensor yh = q.is_cuda() ? torch::empty({c.pb.batch, c.pb.T, c.pb.H, c.pb.Dv}, v.options())
-                            : torch::empty({c.pb.batch, c.pb.H, c.pb.T, c.pb.Dv}, v.options());
+                            : cpu_buffer({c.pb.batch, c.pb.H, c.pb.T, c.pb.Dv}, v.options());
     Tensor lse = torch::empty({c.pb.batch, c.pb.H, c.pb.T}, q.is_cuda() ? q.options().dtype(torch::kFloat32) : q.options());
     Tensor tables;  // CUDA chunked solver: coefficient tables the backward reads
     run_forward(*pat, c, qh, kh, vh, bias, gate_w, yh, lse, tables);
@@ -320,7 +389,7 @@ class MixFunction : public torch::autograd::Function<MixFunction> {
     if (!dy.defined()) dy = torch::zeros_like(v);
     Tensor dyh = to_heads(dy.to(v.scalar_type()), "dy");
     // the CUDA kernels write every element of dq, dk, dv
-    auto zeros = [](const Tensor& t) { return t.is_cuda() ? torch::empty_like(t) : torch::zeros_like(t); };
+    auto zeros = [](const Tensor& t) { return t.is_cuda() ? torch::empty_like(t) : buffer_like(t).zero_(); };
     Tensor dq = zeros(qh), dv = zeros(vh);
     Tensor dk = gate ? Tensor() : zeros(kh);
     const int64_t units = c.pb.num_units();
@@ -441,7 +510,8 @@ void set_threads(int n) {
   // Keep large tensor buffers in the heap between calls: glibc's default returns each one to the
   // kernel, and every step then pays page faults to clear fresh pages (measured: a third of the
   // time of a small mixer's forward at T = 4096).
-  mallopt(M_MMAP_THRESHOLD, 1 << 30);
+  // (32 MB is the largest threshold glibc accepts; larger buffers of the op use BlockCache)
+  mallopt(M_MMAP_THRESHOLD, int(kCachedBufferBytes));
   mallopt(M_TRIM_THRESHOLD, 1 << 30);
   torch::set_num_threads(n);
   omp_set_num_threads(n);

@@ -553,7 +553,9 @@ void mix_backward_cpu(const PatternDesc& pat, const MixProblem& pb, const T* q, 
     {
       RowEntries re;
       re.reserve(cap);
-      std::vector<T> s(cap), dp(cap), G;
+      std::vector<T> s(cap), dp(cap);
+      // kept between calls: a fresh buffer per call would fault in fresh pages every time
+      thread_local std::vector<T> G;
       UnitKernel<T, D, D> kern{pat, pb, re, s.data(), dp.data()};
 #pragma omp for schedule(dynamic, 1)
       for (int64_t u = 0; u < units; ++u)
