@@ -148,7 +148,8 @@ TEST(Mix, EdgeSizes) {
 
 TEST(Mix, GradientsMatchFiniteDifferences) {
   // central differences on a few random coordinates, float64
-  for (const auto& s : {"pow2", "sq1-lattice", "A=local:3;B=pow2", "dense"}) {
+  // pow2, first-order, recurrence:3, local:4 and the hybrid take the gathering backward, the others scatter
+  for (const auto& s : {"pow2", "sq1-lattice", "A=local:3;B=pow2", "dense", "first-order", "recurrence:3", "local:4"}) {
     for (std::string mode : {"softmax", "gate"}) {
       SCOPED_TRACE(std::string(s) + " " + mode);
       torch::manual_seed(fresh_seed());
@@ -283,6 +284,37 @@ TEST(Mix, Float32MatchesFloat64) {
     Tensor y64 = mix(q, k, v, *pat), y32 = mix(q.to(torch::kFloat32), k.to(torch::kFloat32), v.to(torch::kFloat32), *pat);
     EXPECT_EQ(y32.scalar_type(), torch::kFloat32);
     EXPECT_LT(rel_err(y32.to(torch::kFloat64), y64), 1e-5);
+  }
+}
+
+TEST(Mix, Float32GradientsMatchFloat64) {
+  // the float32 kernels (vector rows for head widths 16..128, the generic loops otherwise)
+  // against float64, with bias and gamma, at lengths no block size divides and T = 1
+  for (const auto& s : kSpecs) {
+    for (auto shape : {std::vector<int64_t>{2, 100, 3, 16}, std::vector<int64_t>{1, 77, 2, 64}, std::vector<int64_t>{1, 1, 2, 64},
+                       std::vector<int64_t>{1, 45, 2, 24}}) {
+      SCOPED_TRACE(s + " T=" + std::to_string(shape[1]) + " D=" + std::to_string(shape[3]));
+      torch::manual_seed(fresh_seed());
+      auto pat = pattern_from_spec(s);
+      const int64_t H = shape[2], L = pat->num_levels(shape[1]);
+      auto d64 = torch::TensorOptions().dtype(torch::kFloat64);
+      Tensor q = torch::randn(shape, d64), k = torch::randn(shape, d64), v = torch::randn(shape, d64), dy = torch::randn(shape, d64);
+      Tensor bias = 0.3 * torch::randn({H, L}, d64);
+      auto grads = [&](torch::ScalarType t) {
+        std::vector<Tensor> x = {q.to(t).requires_grad_(), k.to(t).requires_grad_(), v.to(t).requires_grad_(), bias.to(t).requires_grad_()};
+        MixOptions o;
+        o.gamma = 0.9;
+        o.bias = x[3];
+        Tensor y = mix(x[0], x[1], x[2], *pat, o);
+        return torch::autograd::grad({(y * dy.to(t)).sum()}, x);
+      };
+      auto g64 = grads(torch::kFloat64), g32 = grads(torch::kFloat32);
+      for (size_t i = 0; i < g64.size(); ++i) {
+        ASSERT_EQ(g32[i].scalar_type(), torch::kFloat32);
+        EXPECT_TRUE(torch::isfinite(g32[i]).all().item<bool>()) << "gradient " << i;
+        EXPECT_LT(rel_err(g32[i].to(torch::kFloat64), g64[i]), 2e-5) << "gradient " << i;
+      }
+    }
   }
 }
 
