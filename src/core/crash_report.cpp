@@ -114,6 +114,10 @@ void on_fatal_signal(int sig, siginfo_t* si, void* uctx) {
 
 void install_crash_report() {
   main_thread = long(syscall(SYS_gettid));
+  // backtrace() loads the unwinder (libgcc_s) on first use, which allocates: do it now, not in
+  // a handler that may run inside a broken malloc
+  void* warm[2];
+  (void)backtrace(warm, 2);
   static char alt[1 << 16];
   stack_t ss{};
   ss.ss_sp = alt;
