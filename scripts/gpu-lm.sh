@@ -45,6 +45,7 @@ for g in range(n):
 json.dump(res, open(out, "w"), indent=1)
 PYEOF
 for ((g = 0; g < NGPU; g++)); do
+  [ -f "$OUT/lm-$g.log" ] || continue  # a GPU with no mixer of the list
   for d in build-gpu/lm-$g/*/; do
     [ -f "$d/metrics.csv" ] && tail -n +2 "$d/metrics.csv" | sed "s|^|$(basename "$d"),|"
   done

@@ -23,11 +23,13 @@ else
   echo "pytest is not importable by $PY: tests/python not run"
 fi
 # one libstdc++ in the process (CMakeLists.txt says why): no definition of its own in our library
-if nm -D --defined-only build-gpu/lib/libtokmix_torch.so | grep -q "codecvt.*do_unshift"; then
+nm -D --defined-only build-gpu/lib/libtokmix_torch.so >"$OUT/nm.txt"  # (a pipe into grep -q would fail under pipefail)
+if grep -q "codecvt.*do_unshift" "$OUT/nm.txt"; then
   echo "libtokmix_torch.so carries its own libstdc++"; status=1
 fi
 "$PY" bench/python_peers.py --device cuda --T 1024,4096 --reps 10
 # the attention pattern through tokmix's generic kernel is quadratic: SDPA alone stands for it at 16K
 "$PY" bench/python_peers.py --device cuda --dtype bfloat16 --T 4096,16384 --reps 10 \
   --patterns local:64,first-order,pow2,sq1,pow2-lattice,sq1-lattice
+rm -f "$OUT/nm.txt"
 exit ${status:-0}

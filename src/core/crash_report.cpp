@@ -9,6 +9,7 @@
 #include <ucontext.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <initializer_list>
@@ -21,8 +22,10 @@ long main_thread = 0;
 // lies in), the unwound stack (symbol names: the executable links with -rdynamic), and, because
 // unwinding stops at code without unwind tables (a jump through a bad pointer, driver code), the
 // words on the stack that point into loaded code: a rough call chain that needs no unwinding.
-// Only async-signal-safe calls (write, dladdr, backtrace) are used, on an alternate stack so a
-// stack overflow is reported too.
+// Besides write and process_vm_readv it calls dladdr and backtrace, which are not async-signal-
+// safe in general; the unwinder is loaded at install time so that backtrace does not allocate.
+// The handler runs on an alternate stack in the thread that installed it (a stack overflow
+// there is reported too); other threads report on their own stacks.
 void put(const char* s) { (void)!write(2, s, strlen(s)); }
 void put_hex(uintptr_t v) {
   char b[2 + 16 + 1];
@@ -59,7 +62,12 @@ bool put_where(uintptr_t addr) {
   return true;
 }
 
+std::atomic<int> reporting{0};
+
 void on_fatal_signal(int sig, siginfo_t* si, void* uctx) {
+  // one report: a second thread faulting meanwhile waits for the first to end the process
+  if (reporting.exchange(1))
+    for (;;) pause();
   put("tokmix: fatal signal ");
   put_dec(sig);
   put(" (code ");

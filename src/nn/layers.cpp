@@ -213,6 +213,9 @@ Tensor TokenMixerImpl::forward(const Tensor& x, const TokenPositions& p) {
   return finish(y, x);
 }
 
+// fused_attention builds T x T masks for packed prompts: 32K tokens take ~10 GB of them
+constexpr int64_t kFusedPrefillMaxTokens = 32768;
+
 Tensor TokenMixerImpl::prefill(const Tensor& x, const TokenPositions& p, MixerState& s) {
   if (!p.cu_seqlens.defined() || x.size(0) != 1)
     throw std::invalid_argument("TokenMixer::prefill: expected packed prompts x [1, total, d_model] with cu_seqlens");
@@ -239,7 +242,10 @@ Tensor TokenMixerImpl::prefill(const Tensor& x, const TokenPositions& p, MixerSt
   MixOptions o = mix_options();
   o.cu_seqlens = p.cu_seqlens;
   Tensor y;
-  if (cfg_.impl == "fused" && !force_generic_) {  // the prompt through the fused kernel, as in forward
+  // The prompt through the fused kernel, as in forward, on the GPU only and only while its T x T
+  // mask (packed prompts, level bias) stays small: elsewhere the generic kernel, linear in T.
+  const bool fused = cfg_.impl == "fused" && !force_generic_ && x.is_cuda() && x.size(1) <= kFusedPrefillMaxTokens;
+  if (fused) {
     y = fused_attention(q, k, v, p, pattern_->A().window, bias, 1.0 / std::sqrt(double(cfg_.d_key)));
     s.cache->prefill_outputs(q, k, v, y, o);
   } else {

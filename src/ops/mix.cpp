@@ -7,6 +7,8 @@
 
 #include <cstdlib>
 
+#include <deque>
+#include <fstream>
 #include <map>
 #include <mutex>
 #include <sstream>
@@ -150,7 +152,7 @@ Checked check(const Tensor& q, const Tensor& k, const Tensor& v, const Pattern& 
 // own and unmaps it when freed, so each call of the op faulted in, and the kernel cleared, fresh
 // pages: with page faults about a fifth of the time of a pow2 forward and backward at
 // T = 65536 (perf). Blocks are reused at their exact size (training repeats its shapes); the
-// cache keeps at most a quarter of the machine's memory and gives back the rest.
+// cache keeps at most 32 blocks and an eighth of the memory (8 GB at most), oldest out first.
 class BlockCache {
  public:
   static BlockCache& get() {
@@ -160,13 +162,13 @@ class BlockCache {
   void* take(size_t bytes) {
     {
       std::lock_guard<std::mutex> lk(mu_);
-      auto it = free_.find(bytes);
-      if (it != free_.end()) {
-        void* p = it->second;
-        free_.erase(it);
-        cached_ -= bytes;
-        return p;
-      }
+      for (auto it = free_.rbegin(); it != free_.rend(); ++it)  // the most recent block of that size
+        if (it->bytes == bytes) {
+          void* p = it->p;
+          free_.erase(std::next(it).base());
+          cached_ -= bytes;
+          return p;
+        }
     }
     void* p = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
     if (!p) throw std::bad_alloc();
@@ -174,27 +176,36 @@ class BlockCache {
   }
   void give(void* p, size_t bytes) {
     std::lock_guard<std::mutex> lk(mu_);
-    while (cached_ + bytes > limit_ && !free_.empty()) {  // the largest blocks go first
-      auto last = std::prev(free_.end());
-      cached_ -= last->first;
-      std::free(last->second);
-      free_.erase(last);
-    }
-    if (cached_ + bytes > limit_) {
-      std::free(p);
-      return;
-    }
-    free_.emplace(bytes, p);
+    free_.push_back({bytes, p});
     cached_ += bytes;
+    // the oldest blocks go first: sizes that stopped recurring (other shapes) leave
+    while ((cached_ > limit_ || free_.size() > kMaxBlocks) && !free_.empty()) {
+      cached_ -= free_.front().bytes;
+      std::free(free_.front().p);
+      free_.pop_front();
+    }
   }
 
  private:
+  struct Block {
+    size_t bytes;
+    void* p;
+  };
+  static constexpr size_t kMaxBlocks = 32;
+  // an eighth of the memory this process may use (the machine's, or its cgroup's if lower),
+  // at most 8 GB
   BlockCache() {
     const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
-    limit_ = pages > 0 && page > 0 ? size_t(pages) * size_t(page) / 4 : (size_t(1) << 30);
+    size_t mem = pages > 0 && page > 0 ? size_t(pages) * size_t(page) : (size_t(8) << 30);
+    for (const char* f : {"/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"}) {
+      std::ifstream in(f);
+      unsigned long long v = 0;
+      if (in >> v && v > 0 && v < mem) mem = size_t(v);  // "max" (no limit) does not parse
+    }
+    limit_ = std::min(mem / 8, size_t(8) << 30);
   }
   std::mutex mu_;
-  std::multimap<size_t, void*> free_;
+  std::deque<Block> free_;
   size_t cached_ = 0, limit_ = 0;
 };
 
