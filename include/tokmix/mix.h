@@ -66,6 +66,8 @@ class MixCache {
  private:
   void store_from_prompt(int64_t b, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& y, int64_t len);
   void check_prefill(const torch::Tensor& q, const MixOptions& opt) const;
+  // fills the cache from checked prompts and their outputs
+  void store_prompts(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& y, const MixOptions& opt);
   std::shared_ptr<const Pattern> pattern_;
   int64_t batch_, H_, Dk_, Dv_, max_context_;
   int64_t capA_, capB_;

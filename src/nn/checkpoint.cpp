@@ -377,8 +377,48 @@ NamedTensors read_safetensors(const std::string& path, std::map<std::string, std
   }
 }
 
+// Pairs (parameter, tensor of the file) after checking that the file holds exactly the
+// model's tensors, by name, with their dtypes and shapes, and finite; `where` names the file in
+// errors. Nothing is copied, so a refused file changes nothing.
+static std::vector<std::pair<Tensor, Tensor>> match_weights(LanguageModelImpl& model, const NamedTensors& file, const std::string& where) {
+  std::map<std::string, Tensor> by_name;
+  for (auto& [n, t] : file) by_name[n] = t;
+  std::vector<std::pair<Tensor, Tensor>> copies;
+  std::set<std::string> used;
+  for (auto& [name, p] : model_tensors(model)) {
+    auto it = by_name.find(name);
+    if (it == by_name.end()) fail(where + ": tensor '" + name + "' of the model is missing");
+    const Tensor& t = it->second;
+    if (t.scalar_type() != p.scalar_type())
+      fail(where + ": tensor '" + name + "' has dtype " + c10::toString(t.scalar_type()) + "; the model has " +
+           c10::toString(p.scalar_type()));
+    if (!t.sizes().equals(p.sizes())) {
+      std::ostringstream os;
+      os << "tensor '" << name << "' has shape " << t.sizes() << "; the model has " << p.sizes();
+      fail(where + ": " + os.str());
+    }
+    if (t.is_floating_point() && !torch::isfinite(t).all().item<bool>()) fail(where + ": tensor '" + name + "' contains NaN or Inf");
+    copies.emplace_back(p, t);
+    used.insert(name);
+  }
+  for (const auto& [n, t] : by_name)
+    if (!used.count(n)) fail(where + ": tensor '" + n + "' is not a parameter of this model");
+  return copies;
+}
+
 void export_safetensors(const std::string& path, LanguageModelImpl& model) {
   write_safetensors(path, model_tensors(model), {{"format", "pt"}, {"tokmix_config", model.config().to_json().dump()}});
+}
+
+LanguageModel import_safetensors(const std::string& path) {
+  std::map<std::string, std::string> meta;
+  NamedTensors file = read_safetensors(path, &meta);
+  auto it = meta.find("tokmix_config");
+  if (it == meta.end()) fail(path + ": no tokmix_config in the safetensors metadata; expected a file from export_safetensors");
+  LanguageModel model(ModelConfig::from_text(it->second, path + " (tokmix_config)"));
+  torch::NoGradGuard ng;
+  for (auto& [p, t] : match_weights(*model, file, path)) p.copy_(t);
+  return model;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -503,29 +543,7 @@ CheckpointInfo load_checkpoint(const std::string& dir, LanguageModelImpl& model,
   } catch (const CheckpointError& e) {
     fail(dir + "/model.safetensors: " + e.what());
   }
-  std::map<std::string, Tensor> by_name;
-  for (auto& [n, t] : file) by_name[n] = t;
-  std::vector<std::pair<Tensor, Tensor>> copies;
-  std::set<std::string> used;
-  for (auto& [name, p] : model_tensors(model)) {
-    auto it = by_name.find(name);
-    if (it == by_name.end()) fail(dir + "/model.safetensors: tensor '" + name + "' of the model is missing");
-    const Tensor& t = it->second;
-    if (t.scalar_type() != p.scalar_type())
-      fail(dir + "/model.safetensors: tensor '" + name + "' has dtype " + c10::toString(t.scalar_type()) + "; the model has " +
-           c10::toString(p.scalar_type()));
-    if (!t.sizes().equals(p.sizes())) {
-      std::ostringstream os;
-      os << "tensor '" << name << "' has shape " << t.sizes() << "; the model has " << p.sizes();
-      fail(dir + "/model.safetensors: " + os.str());
-    }
-    if (t.is_floating_point() && !torch::isfinite(t).all().item<bool>())
-      fail(dir + "/model.safetensors: tensor '" + name + "' contains NaN or Inf");
-    copies.emplace_back(p, t);
-    used.insert(name);
-  }
-  for (const auto& [n, t] : by_name)
-    if (!used.count(n)) fail(dir + "/model.safetensors: tensor '" + n + "' is not a parameter of this model");
+  const auto copies = match_weights(model, file, dir + "/model.safetensors");
   if (optimizer) {
     if (m.optimizer.empty()) fail("checkpoint '" + dir + "' holds no optimizer state; load without an optimizer");
     const std::string kind = optimizer_kind(*optimizer);

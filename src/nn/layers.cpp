@@ -196,15 +196,18 @@ Tensor TokenMixerImpl::finish(const Tensor& y, const Tensor& x) {
   return out_proj(o);
 }
 
+Tensor TokenMixerImpl::attend_fused(const Tensor& q, const Tensor& k, const Tensor& v, const TokenPositions& p) {
+  return fused_attention(q, k, v, p, pattern_->A().window, bias, 1.0 / std::sqrt(double(cfg_.d_key)));
+}
+
 Tensor TokenMixerImpl::forward(const Tensor& x, const TokenPositions& p) {
   Tensor u = in_proj(x);
   if (cfg_.conv > 0) u = conv_parallel(u, p.pos);
   Tensor q, k, v;
   qkv(u, p.pos, q, k, v);
   Tensor y;
-  if (cfg_.impl == "fused" && !force_generic_) {
-    const int64_t window = pattern_->A().window;
-    y = fused_attention(q, k, v, p, window, bias, 1.0 / std::sqrt(double(cfg_.d_key)));
+  if (fused()) {
+    y = attend_fused(q, k, v, p);
   } else {
     MixOptions o = mix_options();
     o.cu_seqlens = p.cu_seqlens;
@@ -244,9 +247,8 @@ Tensor TokenMixerImpl::prefill(const Tensor& x, const TokenPositions& p, MixerSt
   Tensor y;
   // The prompt through the fused kernel, as in forward, on the GPU only and only while its T x T
   // mask (packed prompts, level bias) stays small: elsewhere the generic kernel, linear in T.
-  const bool fused = cfg_.impl == "fused" && !force_generic_ && x.is_cuda() && x.size(1) <= kFusedPrefillMaxTokens;
-  if (fused) {
-    y = fused_attention(q, k, v, p, pattern_->A().window, bias, 1.0 / std::sqrt(double(cfg_.d_key)));
+  if (fused() && x.is_cuda() && x.size(1) <= kFusedPrefillMaxTokens) {
+    y = attend_fused(q, k, v, p);
     s.cache->prefill_outputs(q, k, v, y, o);
   } else {
     y = s.cache->prefill(q, k, v, o);

@@ -6,7 +6,6 @@
 #include <unistd.h>
 
 #include <cstdlib>
-
 #include <deque>
 #include <fstream>
 #include <map>
@@ -400,7 +399,7 @@ class MixFunction : public torch::autograd::Function<MixFunction> {
     if (!dy.defined()) dy = torch::zeros_like(v);
     Tensor dyh = to_heads(dy.to(v.scalar_type()), "dy");
     // the CUDA kernels write every element of dq, dk, dv
-    auto zeros = [](const Tensor& t) { return t.is_cuda() ? torch::empty_like(t) : buffer_like(t).zero_(); };
+    auto zeros = [](const Tensor& t) { return t.is_cuda() ? buffer_like(t) : buffer_like(t).zero_(); };
     Tensor dq = zeros(qh), dv = zeros(vh);
     Tensor dk = gate ? Tensor() : zeros(kh);
     const int64_t units = c.pb.num_units();
@@ -633,7 +632,7 @@ void MixCache::store_from_prompt(int64_t b, const Tensor& k, const Tensor& v, co
 torch::Tensor MixCache::prefill(const Tensor& q, const Tensor& k, const Tensor& v, const MixOptions& opt) {
   check_prefill(q, opt);
   Tensor y = mix(q, k, v, *pattern_, opt);
-  prefill_outputs(q, k, v, y, opt);
+  store_prompts(q, k, v, y, opt);
   return y;
 }
 
@@ -665,6 +664,10 @@ void MixCache::prefill_outputs(const Tensor& q, const Tensor& k, const Tensor& v
   check_prefill(q, opt);
   if (!y.defined() || y.dim() != 4 || y.size(0) != v.size(0) || y.size(1) != v.size(1) || y.size(2) != H_ || y.size(3) != Dv_)
     throw std::invalid_argument("tokmix::MixCache::prefill: outputs y of shape " + shape_str(y) + "; expected v's shape " + shape_str(v));
+  store_prompts(q, k, v, y, opt);
+}
+
+void MixCache::store_prompts(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& y, const MixOptions& opt) {
   const bool gate = opt.mode == "gate";
   Tensor kk = gate ? q : k;
   Tensor yd = y.detach();

@@ -186,25 +186,9 @@ void model_export(c10::string_view config_json, int64_t seed, c10::string_view p
   nn::export_safetensors(str(path), *m);
 }
 
-// The C++ model of an exported safetensors file (export_safetensors), weights checked by name,
-// dtype and shape.
+// The C++ model of an exported safetensors file, for inference.
 nn::LanguageModel load_exported(const std::string& path) {
-  std::map<std::string, std::string> meta;
-  nn::NamedTensors ts = nn::read_safetensors(path, &meta);
-  auto it = meta.find("tokmix_config");
-  if (it == meta.end()) throw std::invalid_argument(path + ": no tokmix_config in the safetensors metadata; expected a file from export_safetensors");
-  nn::LanguageModel m(nn::ModelConfig::from_text(it->second, path + " (tokmix_config)"));
-  std::map<std::string, Tensor> by_name(ts.begin(), ts.end());
-  torch::NoGradGuard ng;
-  for (auto& kv : m->named_parameters(/*recurse=*/true)) {
-    auto f = by_name.find(kv.key());
-    if (f == by_name.end()) throw std::invalid_argument(path + ": tensor '" + kv.key() + "' of the model is missing");
-    if (!f->second.sizes().equals(kv.value().sizes()) || f->second.scalar_type() != kv.value().scalar_type())
-      throw std::invalid_argument(path + ": tensor '" + kv.key() + "' has another shape or dtype than the model's");
-    kv.value().copy_(f->second);
-    by_name.erase(f);
-  }
-  if (!by_name.empty()) throw std::invalid_argument(path + ": tensor '" + by_name.begin()->first + "' is not a parameter of the model");
+  auto m = nn::import_safetensors(path);
   m->eval();
   return m;
 }

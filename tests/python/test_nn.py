@@ -51,11 +51,15 @@ def exported(tmp_path_factory):
     return out
 
 
+def loaded(exported, name):
+    """(path, the Python model of the C++ export, a freshly seeded generator)"""
+    path = exported[name]
+    return path, tnn.LanguageModel.from_safetensors(path), torch.Generator().manual_seed(fresh_seed())
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_cpp_export_loads_and_gives_the_same_logits(exported, name):
-    path = exported[name]
-    m = tnn.LanguageModel.from_safetensors(path)
-    g = torch.Generator().manual_seed(fresh_seed())
+    path, m, g = loaded(exported, name)
     tokens = torch.randint(0, 37, (2, 23), generator=g)
     want = tokmix.ops.model_forward(path, tokens)
     with torch.no_grad():
@@ -69,9 +73,7 @@ def test_cpp_export_loads_and_gives_the_same_logits(exported, name):
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_decoding_matches_cpp_and_the_parallel_form(exported, name):
-    path = exported[name]
-    m = tnn.LanguageModel.from_safetensors(path)
-    g = torch.Generator().manual_seed(fresh_seed())
+    path, m, g = loaded(exported, name)
     prompts = torch.randint(0, 37, (3, 6), generator=g)
     cont = torch.randint(0, 37, (3, 5), generator=g)
     want = tokmix.ops.model_decode(path, prompts, cont)  # [3, 6, vocab]

@@ -66,6 +66,8 @@ void write_safetensors(const std::string& path, const NamedTensors& tensors, con
 NamedTensors read_safetensors(const std::string& path, std::map<std::string, std::string>* metadata = nullptr);
 // The model's weights under their parameter names, as a safetensors file (atomic write).
 void export_safetensors(const std::string& path, LanguageModelImpl& model);
+// The model of such a file: built from its tokmix_config, weights checked as a checkpoint's.
+LanguageModel import_safetensors(const std::string& path);
 
 // Writes a file atomically: temporary file in the same directory, flush, fsync, rename.
 void write_file_atomic(const std::string& path, const std::string& bytes);

@@ -77,6 +77,9 @@ class TokenMixerImpl : public torch::nn::Module {
   torch::Tensor conv_parallel(const torch::Tensor& u, const torch::Tensor& pos) const;
   void qkv(const torch::Tensor& u, const torch::Tensor& pos, torch::Tensor& q, torch::Tensor& k, torch::Tensor& v);
   torch::Tensor finish(const torch::Tensor& y, const torch::Tensor& x);
+  // attention through LibTorch's fused kernel (impl "fused", not forced generic)
+  bool fused() const { return cfg_.impl == "fused" && !force_generic_; }
+  torch::Tensor attend_fused(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const TokenPositions& p);
 
   MixerConfig cfg_;
   std::shared_ptr<const Pattern> pattern_;
