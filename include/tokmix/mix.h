@@ -63,11 +63,31 @@ class MixCache {
   int64_t bytes() const;  // allocated bytes of the key/value stores
   const Pattern& pattern() const { return *pattern_; }
 
+  // CUDA graphs (infer::GraphDecoder). A replayed graph runs a captured step()'s kernels but not
+  // its host side; replayed_step() is that host side alone (positions, lattice slots, which of
+  // the two device buffers the next step reads, the NaN flags of earlier steps). A capture runs
+  // the host side without the kernels: HostState taken before it is restored after it.
+  struct HostState {
+    std::vector<int64_t> pos, slot_pos, dev_pos, dev_slots;
+    int parity = 0;
+  };
+  HostState host_state() const;
+  void restore_host_state(const HostState& s);
+  void replayed_step();
+  // Device buffer the next CUDA step reads (0 or 1); steps alternate, so a graph is captured per
+  // parity. -1 before the first CUDA step.
+  int device_parity() const;
+
  private:
   void store_from_prompt(int64_t b, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& y, int64_t len);
   void check_prefill(const torch::Tensor& q, const MixOptions& opt) const;
   // fills the cache from checked prompts and their outputs
   void store_prompts(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& y, const MixOptions& opt);
+  // lattice: evicts what row i + 1 no longer reads, gives token i a free slot (or -1: not kept)
+  int64_t lattice_advance(int64_t b, int64_t i);
+  // CUDA: NaN flags of earlier steps (throws, restoring `before`), or upload of a host state
+  // the device does not hold yet (reset, skip_to, prefill); never both
+  void cuda_sync_state(const std::vector<int64_t>& pos_before, const std::vector<int64_t>& slots_before, bool capturing);
   std::shared_ptr<const Pattern> pattern_;
   int64_t batch_, H_, Dk_, Dv_, max_context_;
   int64_t capA_, capB_;

@@ -9,7 +9,9 @@
 #include <nlohmann/json.hpp>
 
 #include "commands.h"
+#include "tokmix/infer/generate.h"
 #include "tokmix/mix.h"
+#include "tokmix/nn/model.h"
 
 namespace tokmix::cli {
 namespace {
@@ -166,6 +168,68 @@ void run_bench(const Opts& o) {
   }
 }
 
+// Decode speed of whole models against context: eager steps and CUDA-graph replays (GPU), with
+// the graph's logits checked against the eager ones.
+struct DecodeOpts {
+  std::vector<std::string> models;
+  std::vector<int64_t> contexts{512, 4096, 32768};
+  int64_t steps = 64, batch = 1;
+  std::string device = "cpu", json;
+  bool no_graph = false;
+};
+
+void run_decode_bench(const DecodeOpts& o) {
+  set_threads();
+  const torch::Device dev(o.device == "cuda" ? torch::kCUDA : torch::kCPU);
+  if (dev.is_cuda() && !torch::cuda::is_available()) throw std::invalid_argument("--device cuda: no CUDA device is available to this LibTorch");
+  const int64_t longest = *std::max_element(o.contexts.begin(), o.contexts.end());
+  nlohmann::json rows = nlohmann::json::array();
+  std::printf("Decode, batch %lld, %lld timed steps after 2 warm-up steps, %s, random weights (fp32)\n", (long long)o.batch,
+              (long long)o.steps, o.device.c_str());
+  std::printf("%-28s %9s %14s %14s %9s %12s %14s\n", "model", "context", "eager tok/s", "graph tok/s", "speedup", "graph diff",
+              "cache B/seq");
+  for (const auto& path : o.models) {
+    std::ifstream f(path);
+    if (!f) throw std::invalid_argument("--models: cannot read '" + path + "'");
+    nlohmann::json mj;
+    try {
+      mj = nlohmann::json::parse(f);
+    } catch (const std::exception& e) {
+      throw std::invalid_argument("--models: '" + path + "' is not JSON: " + e.what());
+    }
+    mj["max_context"] = longest + o.steps + 8;
+    auto cfg = nn::ModelConfig::from_json(mj, path);
+    torch::manual_seed(1);
+    nn::LanguageModel m(cfg);
+    m->to(dev);
+    m->eval();
+    const std::string name = mj.value("name", path);
+    for (int64_t c : o.contexts) {
+      auto r = infer::measure_decode(*m, c, o.steps, o.batch, !o.no_graph);
+      const bool g = r.graph_tokens_per_s > 0;
+      char gt[32] = "-", sp[32] = "-", gd[32] = "-";
+      if (g) {
+        std::snprintf(gt, sizeof gt, "%.1f", r.graph_tokens_per_s);
+        std::snprintf(sp, sizeof sp, "%.2fx", r.graph_tokens_per_s / r.tokens_per_s);
+        std::snprintf(gd, sizeof gd, "%.1e", r.graph_max_rel_diff);
+      }
+      std::printf("%-28s %9lld %14.1f %14s %9s %12s %14lld\n", name.c_str(), (long long)c, r.tokens_per_s, gt, sp, gd,
+                  (long long)r.cache_bytes);
+      std::fflush(stdout);
+      rows.push_back({{"model", name}, {"context", c}, {"batch", o.batch}, {"steps", o.steps}, {"device", o.device},
+                      {"tokens_per_s", r.tokens_per_s}, {"graph_tokens_per_s", r.graph_tokens_per_s},
+                      {"graph_max_rel_diff", r.graph_max_rel_diff}, {"cache_bytes_per_seq", r.cache_bytes}});
+      if (g && !(r.graph_max_rel_diff <= 1e-4))
+        throw std::runtime_error(name + " at context " + std::to_string(c) + ": the CUDA graph's logits differ from the eager step's by " +
+                                 std::to_string(r.graph_max_rel_diff) + " (relative); expected equal");
+    }
+  }
+  if (!o.json.empty()) {
+    std::ofstream(o.json) << rows.dump(1) << "\n";
+    std::printf("rows written to %s\n", o.json.c_str());
+  }
+}
+
 CommandRegistrar reg([](CLI::App& app) {
   auto* bench = app.add_subcommand("bench", "Benchmarks");
   bench->require_subcommand(1);
@@ -188,6 +252,16 @@ CommandRegistrar reg([](CLI::App& app) {
       throw std::invalid_argument("--patterns, --T and --decode-contexts need at least one value each");
     run_bench(*o);
   });
+  auto* d = bench->add_subcommand("decode", "Whole-model decode speed against context: eager steps and CUDA-graph replays");
+  auto od = std::make_shared<DecodeOpts>();
+  d->add_option("--models", od->models, "model config files (JSON, configs/models)")->delimiter(',')->required()->check(CLI::ExistingFile);
+  d->add_option("--contexts", od->contexts, "prompt lengths")->delimiter(',')->check(CLI::PositiveNumber);
+  d->add_option("--steps", od->steps, "timed steps")->check(CLI::PositiveNumber);
+  d->add_option("--batch", od->batch, "sequences decoded together")->check(CLI::PositiveNumber);
+  d->add_option("--device", od->device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
+  d->add_flag("--no-cuda-graph", od->no_graph, "eager steps only");
+  d->add_option("--json", od->json, "write rows as JSON to this file");
+  d->callback([od] { run_decode_bench(*od); });
 });
 
 }  // namespace

@@ -87,7 +87,7 @@ CommandRegistrar reg_generate([](CLI::App& app) {
     bool has_prompt = false;
     int64_t max_tokens = 200;
     infer::SampleOptions s;
-    bool quiet = false;
+    bool quiet = false, no_graph = false;
   };
   auto a = std::make_shared<Args>();
   a->s.temperature = 0.8;
@@ -105,7 +105,9 @@ CommandRegistrar reg_generate([](CLI::App& app) {
   cmd->add_option("--json", a->json, "write prompts, completions and speed as JSON");
   cmd->add_flag("--quiet", a->quiet, "do not stream; print completions at the end");
   cmd->add_option("--device", a->device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
+  cmd->add_flag("--no-cuda-graph", a->no_graph, "cuda: launch every kernel of each step from the host instead of replaying a CUDA graph");
   cmd->callback([a, po] {
+    a->s.cuda_graph = !a->no_graph;
     set_threads();
     a->s.validate();
     auto [model, info] = nn::load_model(a->ckpt);
@@ -171,14 +173,15 @@ CommandRegistrar reg_generate([](CLI::App& app) {
       }
       out.push_back(o);
     }
-    std::fprintf(stderr, "[generate] %zu prompt(s), %lld prompt tokens prefilled in %.3f s; %lld tokens each, decode %.1f tokens/s; cache %lld bytes\n",
+    std::fprintf(stderr, "[generate] %zu prompt(s), %lld prompt tokens prefilled in %.3f s; %lld tokens each, decode %.1f tokens/s%s; cache %lld bytes\n",
                  prompts.size(), (long long)r.prompt_tokens[0], r.prefill_seconds, (long long)a->max_tokens, r.decode_tokens_per_s,
-                 (long long)r.cache_bytes);
+                 r.cuda_graph ? " (CUDA graph)" : "", (long long)r.cache_bytes);
     if (!a->json.empty())
       std::ofstream(a->json) << nlohmann::json{{"checkpoint", a->ckpt},
                                                {"results", out},
                                                {"prefill_seconds", r.prefill_seconds},
                                                {"decode_tokens_per_s", r.decode_tokens_per_s},
+                                               {"cuda_graph", r.cuda_graph},
                                                {"cache_bytes", r.cache_bytes}}
                                     .dump(2)
                              << "\n";
@@ -228,35 +231,21 @@ std::vector<LmMixer> lm_mixers() {
           {"sq1, cache-efficient", {{"type", "sq1-lattice"}}}};
 }
 
-// Decode speed of a model of this config at a context: prefill `context` tokens, then time
-// `steps` single-token steps (batch 1). Weights are random: speed does not depend on them.
-struct DecodeSpeed {
-  double tokens_per_s = 0;
-  int64_t cache_bytes = 0;
-};
-DecodeSpeed decode_speed(nlohmann::json model, int64_t vocab, int64_t context, int64_t steps, const std::string& device) {
+// Decode speed of a model of this config at a context (batch 1, random weights: speed does not
+// depend on them), eager and, on CUDA, replayed from CUDA graphs.
+infer::DecodeSpeed decode_speed(nlohmann::json model, int64_t vocab, int64_t context, int64_t steps, const std::string& device) {
   model["vocab_size"] = vocab;
   model["max_context"] = context + steps + 8;  // prompt, warm-up and timed steps
   auto cfg = nn::ModelConfig::from_json(model, "decode bench");
   torch::manual_seed(1);
   nn::LanguageModel m(cfg);
-  const torch::Device dev(device == "cuda" ? torch::kCUDA : torch::kCPU);
-  m->to(dev);
+  m->to(torch::Device(device == "cuda" ? torch::kCUDA : torch::kCPU));
   m->eval();
-  torch::NoGradGuard ng;
-  std::vector<int64_t> prompt(context);
-  for (int64_t i = 0; i < context; ++i) prompt[i] = (i * 7919) % vocab;
-  auto st = m->new_decode_state(1);
-  torch::Tensor logits = m->prefill(st, {prompt});
-  torch::Tensor tok = logits.argmax(-1);
-  // warm up, then time
-  for (int i = 0; i < 2; ++i) tok = m->step(st, tok).argmax(-1);
-  if (dev.is_cuda()) torch::cuda::synchronize();
-  auto t0 = Clock::now();
-  for (int64_t i = 0; i < steps; ++i) tok = m->step(st, tok).argmax(-1);
-  if (dev.is_cuda()) torch::cuda::synchronize();
-  const double s = std::chrono::duration<double>(Clock::now() - t0).count();
-  return {double(steps) / s, st.cache_bytes() + st.conv_bytes()};
+  auto r = infer::measure_decode(*m, context, steps);
+  if (r.graph_max_rel_diff > 1e-4)
+    throw std::runtime_error("decode speed: the CUDA graph's logits differ from the eager step's by " + std::to_string(r.graph_max_rel_diff) +
+                             " (relative); expected equal");
+  return r;
 }
 
 void write_curves_plot(const fs::path& dir, const std::vector<LmMixer>& ms, const std::vector<std::string>& runs) {
@@ -309,7 +298,7 @@ void run_lm(const std::string& preset_name, const std::string& out, const std::v
     std::string label;
     int64_t params = 0;
     train::TrainResult r;
-    DecodeSpeed dec;
+    infer::DecodeSpeed dec;
   };
   std::vector<Row> rows;
   std::vector<std::string> run_dirs;
@@ -342,14 +331,14 @@ void run_lm(const std::string& preset_name, const std::string& out, const std::v
                  (long long)p.decode_context, row.dec.tokens_per_s, secs, secs / double(i + 1) * double(ms.size() - i - 1));
   }
   // decode speed against context (random weights of each config)
-  std::vector<std::vector<DecodeSpeed>> sweep(ms.size());
+  std::vector<std::vector<infer::DecodeSpeed>> sweep(ms.size());
   for (size_t i = 0; i < ms.size(); ++i) {
     nlohmann::json model = p.model;
     model["mixer"].update(ms[i].mixer);
     for (int64_t c : p.sweep_contexts) {
       sweep[i].push_back(decode_speed(model, corpus.vocab_size, c, p.decode_steps, p.device));
-      std::fprintf(stderr, "  decode %-24s context %7lld: %8.1f tok/s, cache %lld bytes\n", ms[i].label.c_str(), (long long)c,
-                   sweep[i].back().tokens_per_s, (long long)sweep[i].back().cache_bytes);
+      std::fprintf(stderr, "  decode %-24s context %7lld: %8.1f tok/s (CUDA graph: %.1f), cache %lld bytes\n", ms[i].label.c_str(),
+                   (long long)c, sweep[i].back().tokens_per_s, sweep[i].back().graph_tokens_per_s, (long long)sweep[i].back().cache_bytes);
     }
   }
 
@@ -368,20 +357,29 @@ void run_lm(const std::string& preset_name, const std::string& out, const std::v
                 (long long)r.dec.cache_bytes);
     nlohmann::json dj = nlohmann::json::array();
     for (size_t k = 0; k < p.sweep_contexts.size(); ++k)
-      dj.push_back({{"context", p.sweep_contexts[k]}, {"tokens_per_s", sweep[i][k].tokens_per_s}, {"cache_bytes", sweep[i][k].cache_bytes}});
+      dj.push_back({{"context", p.sweep_contexts[k]},
+                    {"tokens_per_s", sweep[i][k].tokens_per_s},
+                    {"graph_tokens_per_s", sweep[i][k].graph_tokens_per_s},
+                    {"cache_bytes", sweep[i][k].cache_bytes}});
     jrows.push_back({{"mixer", ms[i].mixer},          {"label", r.label},
                      {"parameters", r.params},        {"val_loss", r.r.eval.loss},
                      {"val_perplexity", r.r.eval.perplexity}, {"val_bits_per_byte", r.r.eval.bits_per_byte},
                      {"train_tokens_per_s", r.r.tokens_per_s}, {"decode_tokens_per_s", r.dec.tokens_per_s},
+                     {"decode_graph_tokens_per_s", r.dec.graph_tokens_per_s},
                      {"decode_context", p.decode_context}, {"cache_bytes", r.dec.cache_bytes},
                      {"decode_sweep", dj},            {"run", run_dirs[i]}});
   }
-  std::printf("\nDecode tokens/s (batch 1) against context, and cache bytes per sequence\n%-24s", "mixer");
-  for (int64_t c : p.sweep_contexts) std::printf(" %16s", ("ctx " + std::to_string(c)).c_str());
+  const bool graphs = !sweep.empty() && !sweep[0].empty() && sweep[0][0].graph_tokens_per_s > 0;
+  std::printf("\nDecode tokens/s (batch 1) against context%s, and cache bytes per sequence\n%-24s",
+              graphs ? " (eager / replayed from a CUDA graph)" : "", "mixer");
+  for (int64_t c : p.sweep_contexts) std::printf(graphs ? " %24s" : " %16s", ("ctx " + std::to_string(c)).c_str());
   std::printf("\n");
   for (size_t i = 0; i < ms.size(); ++i) {
     std::printf("%-24s", ms[i].label.c_str());
-    for (auto& d : sweep[i]) std::printf(" %7.1f %6.0fKB", d.tokens_per_s, d.cache_bytes / 1024.0);
+    for (auto& d : sweep[i]) {
+      if (graphs) std::printf(" %7.1f / %7.1f %6.0fKB", d.tokens_per_s, d.graph_tokens_per_s, d.cache_bytes / 1024.0);
+      else std::printf(" %7.1f %6.0fKB", d.tokens_per_s, d.cache_bytes / 1024.0);
+    }
     std::printf("\n");
   }
   std::ofstream(dir / "results.json") << nlohmann::json{{"settings", settings}, {"rows", jrows}}.dump(2) << "\n";

@@ -1,7 +1,10 @@
 #include "tokmix/infer/generate.h"
 
+#include "tokmix/infer/graph_decode.h"
+
 #include <chrono>
 #include <cmath>
+#include <limits>
 #include <stdexcept>
 #include <string>
 
@@ -79,6 +82,8 @@ GenerateResult generate(nn::LanguageModelImpl& model, const std::vector<std::vec
   nn::DecodeState st = model.new_decode_state(N);
   Tensor logits = model.prefill(st, prompts);  // [N, V]
   res.prefill_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+  std::unique_ptr<GraphDecoder> graph;
+  if (sample.cuda_graph && dev.is_cuda() && GraphDecoder::available()) graph = std::make_unique<GraphDecoder>(model, st);
   auto t1 = Clock::now();
   for (int64_t k = 0; k < max_tokens; ++k) {
     std::vector<int64_t> next(N);
@@ -89,14 +94,73 @@ GenerateResult generate(nn::LanguageModelImpl& model, const std::vector<std::vec
       if (on_token) on_token(s, next[s]);
     }
     if (k + 1 == max_tokens) break;  // the last token needs no step
-    logits = model.step(st, torch::tensor(next, torch::kInt64).to(dev));
+    Tensor tok = torch::tensor(next, torch::kInt64);
+    logits = graph ? graph->step(tok) : model.step(st, tok.to(dev));
     ++res.decode_steps;
   }
   res.decode_seconds = std::chrono::duration<double>(Clock::now() - t1).count();
   res.decode_tokens_per_s = res.decode_steps > 0 ? double(res.decode_steps * N) / std::max(res.decode_seconds, 1e-12) : 0;
   res.cache_bytes = st.cache_bytes() + st.conv_bytes();
+  res.cuda_graph = graph && graph->captured();
   if (was_training) model.train();
   return res;
+}
+
+DecodeSpeed measure_decode(nn::LanguageModelImpl& model, int64_t context, int64_t steps, int64_t batch, bool graph) {
+  using Clock = std::chrono::steady_clock;
+  const auto& cfg = model.config();
+  if (context < 1 || steps < 1 || batch < 1 || context + steps + 2 > cfg.max_context)
+    throw std::invalid_argument("measure_decode: context " + std::to_string(context) + " + steps " + std::to_string(steps) +
+                                " + 2 warm-up steps must fit max_context = " + std::to_string(cfg.max_context) + " (and all >= 1)");
+  torch::NoGradGuard ng;
+  const auto dev = model.parameters().front().device();
+  auto sync = [&] {
+    if (dev.is_cuda()) torch::cuda::synchronize();
+  };
+  std::vector<std::vector<int64_t>> prompts(batch, std::vector<int64_t>(context));
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t i = 0; i < context; ++i) prompts[b][i] = (i * 7919 + b * 104729) % cfg.vocab_size;
+  DecodeSpeed r;
+  std::vector<Tensor> fed, eager_logits;  // graph check: the same tokens, the same logits
+  {
+    nn::DecodeState st = model.new_decode_state(batch);
+    Tensor tok = model.prefill(st, prompts).argmax(-1);
+    for (int i = 0; i < 2; ++i) {
+      fed.push_back(tok);
+      tok = model.step(st, tok).argmax(-1);
+    }
+    sync();
+    auto t0 = Clock::now();
+    for (int64_t i = 0; i < steps; ++i) {
+      fed.push_back(tok);
+      Tensor l = model.step(st, tok);
+      eager_logits.push_back(l);
+      tok = l.argmax(-1);
+    }
+    sync();
+    r.tokens_per_s = double(steps * batch) / std::chrono::duration<double>(Clock::now() - t0).count();
+    r.cache_bytes = (st.cache_bytes() + st.conv_bytes()) / batch;
+  }
+  if (graph && dev.is_cuda() && GraphDecoder::available()) {
+    nn::DecodeState st = model.new_decode_state(batch);
+    model.prefill(st, prompts);
+    GraphDecoder gd(model, st);
+    for (int i = 0; i < 2; ++i) gd.step(fed[i]);
+    std::vector<Tensor> out;
+    sync();
+    auto t0 = Clock::now();
+    for (int64_t i = 0; i < steps; ++i) out.push_back(gd.step(fed[2 + i]));
+    sync();
+    r.graph_tokens_per_s = double(steps * batch) / std::chrono::duration<double>(Clock::now() - t0).count();
+    double diff = 0;
+    for (int64_t i = 0; i < steps; ++i) {
+      const Tensor e = eager_logits[i].to(torch::kFloat64), g = out[i].to(torch::kFloat64);
+      const double d = (g - e).abs().max().item<double>() / std::max(e.abs().max().item<double>(), 1e-30);
+      diff = std::isfinite(d) ? std::max(diff, d) : std::numeric_limits<double>::infinity();
+    }
+    r.graph_max_rel_diff = diff;
+  }
+  return r;
 }
 
 }  // namespace tokmix::infer

@@ -264,7 +264,8 @@ Tensor TokenMixerImpl::step(const Tensor& x, const Tensor& pos, MixerState& s) {
     // same order of operations as conv_parallel, so both paths round alike
     Tensor out = win.select(1, w - 1) * conv_weight.select(1, w - 1);
     for (int64_t j = 1; j < w; ++j) out = out + win.select(1, w - 1 - j) * conv_weight.select(1, w - 1 - j);
-    if (w > 1) s.conv = win.narrow(1, 1, w - 1).detach();
+    // in place: a step captured in a CUDA graph reads and writes the same tail every replay
+    if (w > 1) s.conv.copy_(win.narrow(1, 1, w - 1));
     u = out;
   }
   Tensor q, k, v;

@@ -173,9 +173,14 @@ Tensor LanguageModelImpl::step(DecodeState& s, const Tensor& tokens) {
                                   " tokens, max_context = " + std::to_string(s.max_context) + ")");
   const auto device = tok_emb->weight.device();
   Tensor pos = torch::tensor(s.positions, torch::TensorOptions().dtype(torch::kInt64)).to(device);
-  Tensor h = embed(tokens.to(device), pos);
-  for (size_t l = 0; l < blocks_.size(); ++l) h = blocks_[l]->step(h, pos, s.layers[l]);
+  Tensor logits = step_unchecked(s, tokens.to(device), pos);
   for (auto& p : s.positions) ++p;
+  return logits;
+}
+
+Tensor LanguageModelImpl::step_unchecked(DecodeState& s, const Tensor& tokens, const Tensor& pos) {
+  Tensor h = embed(tokens, pos);
+  for (size_t l = 0; l < blocks_.size(); ++l) h = blocks_[l]->step(h, pos, s.layers[l]);
   return head(h);
 }
 

@@ -713,8 +713,20 @@ torch::Tensor MixCache::step(const Tensor& q, const Tensor& k, const Tensor& v, 
   for (const Tensor* t : {&opt.bias, &opt.gate_weight})
     if (t->defined() && (t->scalar_type() != kA_.scalar_type() || t->device() != kA_.device()))
       badstep("bias and gate_weight must have the cache's dtype and device");
-  check_finite(opt.bias, "bias");
-  if (gate) check_finite(opt.gate_weight, "gate_weight");
+  // A step being captured into a CUDA graph may not read the device: the eager step before the
+  // capture checked the same weights.
+  bool capturing = false;
+#ifdef TOKMIX_WITH_CUDA
+  if (q.is_cuda()) {
+    cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
+    cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(q.device().index()).stream(), &cs);
+    capturing = cs != cudaStreamCaptureStatusNone;
+  }
+#endif
+  if (!capturing) {
+    check_finite(opt.bias, "bias");
+    if (gate) check_finite(opt.gate_weight, "gate_weight");
+  }
   if (gate && opt.bias.defined() && opt.gate_weight.defined() && opt.bias.size(-1) != opt.gate_weight.size(1))
     badstep("bias has " + std::to_string(opt.bias.size(-1)) + " levels and gate_weight " + std::to_string(opt.gate_weight.size(1)) +
             "; expected the same");
@@ -754,13 +766,12 @@ torch::Tensor MixCache::step(const Tensor& q, const Tensor& k, const Tensor& v, 
     if (!lattice_ && capB_ > 0) new_b[b] = i % capB_;
   }
   if (lattice_) {
-    // Resolve this row's entries to slots, then evict what row i+1 no longer reads and give
-    // the new token a free slot (nesting: L(i+1) is within L(i) and {i}).
-    // (the CUDA kernel resolves slots from its own copy of the table: only the update runs here)
+    // Resolve this row's entries to slots (the CUDA kernel resolves them from its own copy of the
+    // table: only the update runs here), then make room for the new token.
     const bool resolve = !q.is_cuda();
     pb.max_entries = std::max<int64_t>(1, capB_);
     if (resolve) slot_of.assign(batch_ * pb.max_entries, -1);
-    int64_t* sp = slot_pos_.data();
+    const int64_t* sp = slot_pos_.data();
     for (int64_t b = 0; b < batch_; ++b) {
       const int64_t i = pos_[b];
       int64_t e = 0;
@@ -772,19 +783,7 @@ torch::Tensor MixCache::step(const Tensor& q, const Tensor& k, const Tensor& v, 
           slot_of[b * pb.max_entries + e++] = s;
         }
       }
-      // no row follows the last one the cache was made for: keep nothing new
-      std::vector<Entry> next = i + 1 < max_context_ ? pattern_->row_B(i + 1) : std::vector<Entry>{};
-      for (int64_t s = 0; s < capB_; ++s) {
-        int64_t p = sp[b * capB_ + s];
-        if (p >= 0 && std::none_of(next.begin(), next.end(), [&](const Entry& x) { return x.pos == p; })) sp[b * capB_ + s] = -1;
-      }
-      if (std::any_of(next.begin(), next.end(), [&](const Entry& x) { return x.pos == i; })) {
-        int64_t s = 0;
-        while (s < capB_ && sp[b * capB_ + s] >= 0) ++s;
-        if (s == capB_) badstep("internal: lattice cache full");
-        sp[b * capB_ + s] = i;
-        new_b[b] = s;
-      }
+      new_b[b] = lattice_advance(b, i);
     }
     pb.b_slot_of = slot_of.data();
   }
@@ -808,29 +807,7 @@ torch::Tensor MixCache::step(const Tensor& q, const Tensor& k, const Tensor& v, 
     int64_t* dbuf = dd.buf.data_ptr<int64_t>();
     auto dpos = [&](int p) { return dbuf + p * batch_; };
     auto dslot = [&](int p) { return dbuf + 2 * batch_ + p * batch_ * capB_; };
-    // pos_ and slot_pos_ were advanced above; compare what they were on entry
-    if (dd.pos_seen != pos_before || dd.slots_seen != slots_before) {
-      stream.synchronize();  // a step still in flight may yet raise a flag of the old contents
-      Tensor up = torch::empty({batch_ + (lattice_ ? batch_ * capB_ : 0)}, torch::TensorOptions().dtype(torch::kInt64).pinned_memory(true));
-      std::copy(pos_before.begin(), pos_before.end(), up.data_ptr<int64_t>());
-      if (lattice_) std::copy(slots_before.begin(), slots_before.end(), up.data_ptr<int64_t>() + batch_);
-      dd.par = 0;
-      dd.buf.slice(0, 0, batch_).copy_(up.slice(0, 0, batch_), /*non_blocking=*/true);
-      if (lattice_) dd.buf.slice(0, 2 * batch_, 2 * batch_ + batch_ * capB_).copy_(up.slice(0, batch_), /*non_blocking=*/true);
-      std::fill(dd.flags_host, dd.flags_host + batch_, 0ull);
-    } else {
-      for (int64_t b = 0; b < batch_; ++b) {
-        const unsigned long long f = reinterpret_cast<volatile unsigned long long*>(dd.flags_host)[b];
-        if (f == 0) continue;
-        // restore the host state of this call: the step did not happen
-        pos_ = pos_before;
-        slot_pos_ = slots_before;
-        const int64_t at = static_cast<int64_t>(f & ~(1ull << 63)) - 1;
-        if (f >> 63) badstep("internal: lattice slot table lost a position at sequence " + std::to_string(b) + ", position " + std::to_string(at));
-        badstep("q, k or v of sequence " + std::to_string(b) + " at position " + std::to_string(at) +
-                " contained NaN or Inf (checked on the device, reported at a later step); reset() the cache");
-      }
-    }
+    cuda_sync_state(pos_before, slots_before, capturing);
     kernels::CudaDecodeState st;
     st.pos_in = dpos(dd.par);
     st.pos_out = dpos(1 - dd.par);
@@ -859,6 +836,128 @@ torch::Tensor MixCache::step(const Tensor& q, const Tensor& k, const Tensor& v, 
   });
   for (auto& p : pos_) ++p;
   return y;
+}
+
+int64_t MixCache::lattice_advance(int64_t b, int64_t i) {
+  int64_t* sp = slot_pos_.data() + b * capB_;
+  // no row follows the last one the cache was made for: keep nothing new
+  std::vector<Entry> next = i + 1 < max_context_ ? pattern_->row_B(i + 1) : std::vector<Entry>{};
+  for (int64_t s = 0; s < capB_; ++s)
+    if (sp[s] >= 0 && std::none_of(next.begin(), next.end(), [&](const Entry& x) { return x.pos == sp[s]; })) sp[s] = -1;
+  if (std::none_of(next.begin(), next.end(), [&](const Entry& x) { return x.pos == i; })) return -1;
+  int64_t s = 0;
+  while (s < capB_ && sp[s] >= 0) ++s;
+  if (s == capB_) throw std::logic_error("tokmix::MixCache::step: internal: lattice cache full");
+  sp[s] = i;
+  return s;
+}
+
+void MixCache::cuda_sync_state(const std::vector<int64_t>& pos_before, const std::vector<int64_t>& slots_before, bool capturing) {
+#ifdef TOKMIX_WITH_CUDA
+  DecodeDev& dd = decode_dev(kA_, batch_, capB_, lattice_);
+  auto stream = at::cuda::getCurrentCUDAStream(kA_.device().index());
+  int64_t* dbuf = dd.buf.data_ptr<int64_t>();
+  if (dd.pos_seen != pos_before || dd.slots_seen != slots_before) {
+    if (capturing) {
+      pos_ = pos_before;
+      slot_pos_ = slots_before;
+      throw std::logic_error("tokmix::MixCache::step: a step captured in a CUDA graph needs the device state in step with the host's; run one "
+                             "step outside the capture first (after reset, skip_to or prefill)");
+    }
+    stream.synchronize();  // a step still in flight may yet raise a flag of the old contents
+    Tensor up = torch::empty({batch_ + (lattice_ ? batch_ * capB_ : 0)}, torch::TensorOptions().dtype(torch::kInt64).pinned_memory(true));
+    std::copy(pos_before.begin(), pos_before.end(), up.data_ptr<int64_t>());
+    if (lattice_) std::copy(slots_before.begin(), slots_before.end(), up.data_ptr<int64_t>() + batch_);
+    dd.par = 0;
+    dd.buf.slice(0, 0, batch_).copy_(up.slice(0, 0, batch_), /*non_blocking=*/true);
+    if (lattice_) dd.buf.slice(0, 2 * batch_, 2 * batch_ + batch_ * capB_).copy_(up.slice(0, batch_), /*non_blocking=*/true);
+    std::fill(dd.flags_host, dd.flags_host + batch_, 0ull);
+    (void)dbuf;
+    return;
+  }
+  for (int64_t b = 0; b < batch_; ++b) {
+    const unsigned long long f = reinterpret_cast<volatile unsigned long long*>(dd.flags_host)[b];
+    if (f == 0) continue;
+    // restore the host state of this call: the step did not happen
+    pos_ = pos_before;
+    slot_pos_ = slots_before;
+    const int64_t at = static_cast<int64_t>(f & ~(1ull << 63)) - 1;
+    if (f >> 63)
+      throw std::invalid_argument("tokmix::MixCache::step: internal: lattice slot table lost a position at sequence " + std::to_string(b) +
+                                  ", position " + std::to_string(at));
+    throw std::invalid_argument("tokmix::MixCache::step: q, k or v of sequence " + std::to_string(b) + " at position " + std::to_string(at) +
+                                " contained NaN or Inf (checked on the device, reported at a later step); reset() the cache");
+  }
+#else
+  (void)pos_before;
+  (void)slots_before;
+  (void)capturing;
+#endif
+}
+
+MixCache::HostState MixCache::host_state() const {
+  HostState s;
+  s.pos = pos_;
+  s.slot_pos = slot_pos_;
+#ifdef TOKMIX_WITH_CUDA
+  if (kA_.is_cuda()) {
+    DecodeDev& dd = decode_dev(kA_, batch_, capB_, lattice_);
+    s.dev_pos = dd.pos_seen;
+    s.dev_slots = dd.slots_seen;
+    s.parity = dd.par;
+  }
+#endif
+  return s;
+}
+
+void MixCache::restore_host_state(const HostState& s) {
+  if (int64_t(s.pos.size()) != batch_ || s.slot_pos.size() != slot_pos_.size())
+    throw std::invalid_argument("tokmix::MixCache::restore_host_state: a state of another cache (batch " + std::to_string(s.pos.size()) +
+                                "; expected " + std::to_string(batch_) + ")");
+  pos_ = s.pos;
+  slot_pos_ = s.slot_pos;
+#ifdef TOKMIX_WITH_CUDA
+  if (kA_.is_cuda()) {
+    DecodeDev& dd = decode_dev(kA_, batch_, capB_, lattice_);
+    dd.pos_seen = s.dev_pos;
+    dd.slots_seen = s.dev_slots;
+    dd.par = s.parity;
+  }
+#endif
+}
+
+int MixCache::device_parity() const {
+#ifdef TOKMIX_WITH_CUDA
+  if (kA_.is_cuda()) {
+    DecodeDev& dd = decode_dev(kA_, batch_, capB_, lattice_);
+    return dd.pos_seen == pos_ && dd.slots_seen == slot_pos_ ? dd.par : -1;
+  }
+#endif
+  return -1;
+}
+
+void MixCache::replayed_step() {
+#ifdef TOKMIX_WITH_CUDA
+  if (!kA_.is_cuda()) throw std::logic_error("tokmix::MixCache::replayed_step: only for a CUDA cache");
+  DecodeDev& dd = decode_dev(kA_, batch_, capB_, lattice_);
+  if (dd.pos_seen != pos_ || dd.slots_seen != slot_pos_)
+    throw std::logic_error("tokmix::MixCache::replayed_step: the host state changed since the captured step (reset, skip_to or prefill); "
+                           "capture again");
+  for (int64_t b = 0; b < batch_; ++b)
+    if (pos_[b] >= max_context_)
+      throw std::invalid_argument("tokmix::MixCache::step: sequence " + std::to_string(b) + " is at position " + std::to_string(pos_[b]) +
+                                  "; the cache was made for max_context = " + std::to_string(max_context_));
+  const std::vector<int64_t> pos_before = pos_, slots_before = slot_pos_;
+  cuda_sync_state(pos_before, slots_before, /*capturing=*/true);  // flags only: the state is in step
+  if (lattice_)
+    for (int64_t b = 0; b < batch_; ++b) lattice_advance(b, pos_[b]);
+  for (auto& p : pos_) ++p;
+  dd.par = 1 - dd.par;
+  dd.pos_seen = pos_;
+  dd.slots_seen = slot_pos_;
+#else
+  throw std::logic_error("tokmix::MixCache::replayed_step: this build has no CUDA backend");
+#endif
 }
 
 }  // namespace tokmix

@@ -17,6 +17,7 @@ struct SampleOptions {
   int64_t top_k = 0;         // keep the k most likely tokens (0: all)
   double top_p = 1.0;        // keep the smallest set whose probability reaches p (1: all)
   uint64_t seed = 0;
+  bool cuda_graph = true;    // CUDA models: decode steps replayed from CUDA graphs (GraphDecoder)
   void validate() const;     // throws std::invalid_argument naming the bad value
 };
 
@@ -31,6 +32,7 @@ struct GenerateResult {
   int64_t decode_steps = 0;
   double decode_tokens_per_s = 0;  // generated tokens (all sequences) per second of decoding
   int64_t cache_bytes = 0;         // the decode state after generation: mixer stores + conv tails
+  bool cuda_graph = false;         // the steps were replayed from CUDA graphs
 };
 
 // Generates max_tokens tokens after each prompt. Every prompt must be non-empty with ids in the
@@ -39,5 +41,16 @@ struct GenerateResult {
 // token) is called as each token is produced.
 GenerateResult generate(nn::LanguageModelImpl& model, const std::vector<std::vector<int64_t>>& prompts, int64_t max_tokens,
                         const SampleOptions& sample, const std::function<void(int64_t, int64_t)>& on_token = nullptr);
+
+// Decode speed of `model` (in eval mode, on its device) at a context: `batch` prompts of
+// `context` tokens prefilled, then `steps` greedy steps timed after two warm-up steps. On CUDA
+// the same tokens go through a GraphDecoder too, whose logits are compared with the eager ones.
+struct DecodeSpeed {
+  double tokens_per_s = 0;         // eager steps (one launch per kernel), all sequences
+  double graph_tokens_per_s = 0;   // CUDA graph replays (0: not measured)
+  double graph_max_rel_diff = -1;  // max |graph - eager| / max |eager| over every step's logits
+  int64_t cache_bytes = 0;         // mixer stores + conv tails
+};
+DecodeSpeed measure_decode(nn::LanguageModelImpl& model, int64_t context, int64_t steps, int64_t batch = 1, bool graph = true);
 
 }  // namespace tokmix::infer

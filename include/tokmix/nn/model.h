@@ -54,6 +54,10 @@ class LanguageModelImpl : public torch::nn::Module {
   torch::Tensor prefill(DecodeState& s, const std::vector<std::vector<int64_t>>& prompts, bool all_logits = false);
   // One token per sequence: tokens [N] int64 -> logits [N, vocab].
   torch::Tensor step(DecodeState& s, const torch::Tensor& tokens);
+  // The device part of step(): tokens and positions [N] int64 already on the model's device,
+  // nothing checked that would read the device, s.positions not advanced (the mixer caches
+  // are). What a CUDA graph captures (infer::GraphDecoder); use step() otherwise.
+  torch::Tensor step_unchecked(DecodeState& s, const torch::Tensor& tokens, const torch::Tensor& pos);
 
   const ModelConfig& config() const { return cfg_; }
   int64_t num_parameters() const;
