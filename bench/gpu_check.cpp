@@ -132,7 +132,8 @@ void check_decode_nan(const std::string& spec) {
   auto pat = pattern_from_spec(spec);
   const int64_t B = 3, H = 2, D = 8;
   auto o32 = torch::TensorOptions().device(torch::kCUDA).dtype(torch::kFloat32);
-  MixCache cache(pat, B, H, D, D, 100, torch::kFloat32, torch::kCUDA);
+  // attention: a context long enough for the split decode path
+  MixCache cache(pat, B, H, D, D, spec == "attention" ? 2000 : 100, torch::kFloat32, torch::kCUDA);
   torch::NoGradGuard ng;
   auto rnd = [&] { return torch::randn({B, H, D}, o32); };
   bool ok = true;
@@ -291,11 +292,22 @@ void bench_dense_solve() {
   g_summary.push_back(buf);
 }
 
-void bench_decode() {
+// SDPA over a KV cache of ctx tokens: the attention decode step of a serving stack
+double sdpa_decode_ms(int64_t batch, int64_t ctx, int64_t H, int64_t D) {
+  auto bf = torch::TensorOptions().device(torch::kCUDA).dtype(torch::kBFloat16);
+  Tensor q = torch::randn({batch, H, 1, D}, bf), k = torch::randn({batch, H, ctx, D}, bf), v = torch::randn({batch, H, ctx, D}, bf);
+  torch::NoGradGuard ng;
+  return time_ms([&] { at::scaled_dot_product_attention(q, k, v); }, 50, 5);
+}
+
+void bench_decode(const std::string& spec) {
   const int64_t batch = 16, H = 16, D = 128;
   auto bf = torch::TensorOptions().device(torch::kCUDA).dtype(torch::kBFloat16);
-  auto pat = pattern_from_spec("pow2-lattice");
+  auto pat = pattern_from_spec(spec);
+  const bool linear = spec == "attention";  // the cache grows with the context
   for (int64_t ctx : {1024L, 4096L, 32768L, 131072L, 1048576L}) {
+    if (linear && ctx > 131072) break;
+    const double sdpa = linear ? sdpa_decode_ms(batch, ctx, H, D) : -1;
     MixCache cache(pat, batch, H, D, D, ctx + 64, torch::kBFloat16, torch::kCUDA);
     cache.skip_to(ctx);
     Tensor q = torch::randn({batch, H, D}, bf), k = torch::randn({batch, H, D}, bf), v = torch::randn({batch, H, D}, bf);
@@ -328,8 +340,10 @@ void bench_decode() {
       std::printf("decode graph capture failed: %s\n", e.what());
     }
     char buf[240];
-    std::snprintf(buf, sizeof buf, "%-12s batch %ld ctx %8ld H %ld D %ld  step %7.4f ms (whole MixCache::step)  in a graph %7.4f ms  cache %.2f MB",
-                  "decode", (long)batch, (long)ctx, (long)H, (long)D, t, tg, cache.bytes() / 1e6);
+    std::snprintf(buf, sizeof buf,
+                  "decode %-12s batch %ld ctx %8ld H %ld D %ld  step %7.4f ms (whole MixCache::step)  in a graph %7.4f ms  cache %.2f MB%s",
+                  spec.c_str(), (long)batch, (long)ctx, (long)H, (long)D, t, tg, cache.bytes() / 1e6,
+                  sdpa >= 0 ? ("  SDPA on a KV cache " + std::to_string(sdpa).substr(0, 6) + " ms").c_str() : "");
     std::printf("%s\n", buf);
     g_summary.push_back(buf);
   }
@@ -392,7 +406,13 @@ int main(int argc, char** argv) {
   // long lattice decodes: many evictions and slot reuses of the device-side slot table
   for (const char* s : {"pow2-lattice", "sq1-lattice", "f:2*k+1-lattice"})
     for (int64_t pf : {0L, 257L}) check_decode(s, "softmax", pf, 700);
-  for (const char* s : {"pow2-lattice", "pow2", "first-order"}) check_decode_nan(s);
+  // rows longer than one decode block: the split (flash-decoding) path, attention and dense B
+  for (const char* s : {"attention", "dense", "A=attention;B=pow2"})
+    for (std::string mode : {"softmax", "gate"}) {
+      check_decode(s, mode, 0, 1100);
+      check_decode(s, mode, 1250, 1300);
+    }
+  for (const char* s : {"pow2-lattice", "pow2", "first-order", "attention"}) check_decode_nan(s);
   for (const char* s : {"pow2", "sq1-lattice", "attention"})
     for (auto dt : {torch::kFloat32, torch::kBFloat16}) check_mix_nan(s, dt);
   std::printf("correctness: %d passed, %d failed\n", g_pass, g_fail);
@@ -401,7 +421,8 @@ int main(int argc, char** argv) {
     bench_shape(2, 16384, 16, 128);
     bench_shape(1, 65536, 16, 64);
     bench_dense_solve();
-    bench_decode();
+    bench_decode("pow2-lattice");
+    bench_decode("attention");
   }
   std::printf("\n==== summary (bf16, H200; median CUDA-event times) ====\n");
   for (auto& l : g_summary) std::printf("%s\n", l.c_str());

@@ -122,7 +122,13 @@ struct CudaDecodeState {
   int64_t* slot_out = nullptr;
   unsigned long long* bad = nullptr;  // device view of the mapped flags
   int64_t max_context = 0;
+  // Long rows (attention, local and dense B over long contexts) are split over many blocks,
+  // each a slice of the row's entries, then combined (flash-decoding): decode_split_floats()
+  // of workspace, caller-allocated (null: one block per (sequence, head)).
+  float* split_ws = nullptr;
 };
+// Workspace floats a step needs for the split path (0: the row fits one block).
+int64_t decode_split_floats(const DecodeProblem& pb, bool lattice);
 // Host-mapped flags (cudaHostAlloc, zero-filled): returns the host pointer, *dev the device one.
 unsigned long long* decode_flags_alloc(int64_t n, unsigned long long** dev);
 void decode_flags_free(unsigned long long* host);

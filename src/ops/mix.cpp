@@ -815,6 +815,11 @@ torch::Tensor MixCache::step(const Tensor& q, const Tensor& k, const Tensor& v, 
     st.slot_out = lattice_ ? dslot(1 - dd.par) : nullptr;
     st.bad = dd.flags_dev;
     st.max_context = max_context_;
+    Tensor split_ws;
+    if (const int64_t nf = kernels::decode_split_floats(pb, lattice_)) {
+      split_ws = torch::empty({nf}, kA_.options().dtype(torch::kFloat32));
+      st.split_ws = split_ws.data_ptr<float>();
+    }
     kernels::DecodeProblem dpb = pb;
     dpb.pos = dpb.b_slot_of = dpb.new_a_slot = dpb.new_b_slot = nullptr;
     const PatternDesc ddesc = device_desc(*pattern_, q.device());

@@ -1541,6 +1541,183 @@ __global__ void __launch_bounds__(kDecThreads) decode_kernel(DecArgs a, const T*
   }
 }
 
+// Split decode (flash-decoding) for rows of many entries: block (split, u) scores a slice of
+// kSplitChunk entries of row i of head u, one warp per entry (lanes over Dk, then over Dv),
+// four entries in flight per warp, with its own running max; decode_split_combine merges the
+// slices, writes y and the new cache entries. Used when the caches can hold more than
+// kSplitMin entries and the pattern is not a lattice (lattices are small).
+constexpr int kSplitChunk = 128;
+constexpr int64_t kSplitMin = 1024;
+constexpr int kSplitMaxV = 8;  // Dv <= 256 on this path
+constexpr int kSplitMaxSplits = 8192;
+
+int64_t split_chunk(const DecodeProblem& pb) {
+  const int64_t maxe = pb.capA + pb.capB + 1;
+  int64_t c = kSplitChunk;
+  while ((maxe + c - 1) / c > kSplitMaxSplits) c *= 2;
+  return c;
+}
+int64_t split_count(const DecodeProblem& pb) { return (pb.capA + pb.capB + 1 + split_chunk(pb) - 1) / split_chunk(pb); }
+
+template <class T>
+__global__ void __launch_bounds__(128) decode_split_partial(DecArgs a, int32_t chunk, int32_t nsplit, const T* q, const T* k, const T* v,
+                                                            const T* bias, const T* gw, const T* kA, const T* vA, const T* kB,
+                                                            const T* yB, float* ws) {
+  __shared__ float qs[256];
+  __shared__ float wm[4], wl[4];
+  __shared__ float wacc[4][32 * kSplitMaxV];
+  const DecodeProblem& pb = a.pb;
+  const int split = blockIdx.x;
+  const int64_t u = blockIdx.y, b = u / pb.H, h = u % pb.H;
+  const int64_t i = a.st.pos_in[b];
+  const int64_t Dk = pb.Dk, Dv = pb.Dv;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const T* ki = k + u * Dk;
+  const T* vi = v + u * Dv;
+  for (int64_t d = threadIdx.x; d < Dk; d += blockDim.x) qs[d] = to_f(q[u * Dk + d]);
+  __syncthreads();
+  const int64_t nA = side_slots(a.pat.A, false, i, a.nbl), ne = nA + side_slots(a.pat.B, true, i, a.nbl);
+  const int64_t e0 = static_cast<int64_t>(split) * chunk, e1 = lmin(ne, e0 + chunk);
+  const float gamma = static_cast<float>(pb.gamma), scale = static_cast<float>(pb.scale);
+  float m = -INFINITY, l = 0.f, acc[kSplitMaxV];
+#pragma unroll
+  for (int j = 0; j < kSplitMaxV; ++j) acc[j] = 0.f;
+  constexpr int kIn = 4;  // entries in flight per warp
+  for (int64_t eb = e0 + warp * kIn; eb < e1; eb += 4 * kIn) {
+    const T* kp[kIn];
+    const T* vp[kIn];
+    float s[kIn], wgt[kIn];
+    int32_t lv[kIn];
+#pragma unroll
+    for (int t = 0; t < kIn; ++t) {
+      const int64_t e = eb + t;
+      kp[t] = vp[t] = nullptr;
+      wgt[t] = 1.f;
+      lv[t] = 0;
+      if (e >= e1) continue;
+      int64_t pos;
+      const bool isb = e >= nA;
+      if (!(isb ? side_entry(a.pat.B, true, i, e - nA, pos, lv[t]) : side_entry(a.pat.A, false, i, e, pos, lv[t]))) continue;
+      if (!isb) {
+        if (pos == i) {
+          kp[t] = ki;
+          vp[t] = vi;
+        } else {
+          const int64_t slot = pos % pb.capA;
+          kp[t] = kA + (u * pb.capA + slot) * Dk;
+          vp[t] = vA + (u * pb.capA + slot) * Dv;
+        }
+      } else {
+        const int64_t slot = pos % pb.capB;
+        kp[t] = kB + (u * pb.capB + slot) * Dk;
+        vp[t] = yB + (u * pb.capB + slot) * Dv;
+        wgt[t] = gamma;
+      }
+    }
+#pragma unroll
+    for (int t = 0; t < kIn; ++t) {
+      float x = 0.f;
+      if (kp[t]) {
+        const T* src = pb.mode == Mode::Softmax ? kp[t] : gw + (h * pb.levels + lv[t]) * Dk;
+        for (int64_t d = lane; d < Dk; d += 32) x = fmaf(qs[d], to_f(src[d]), x);
+      }
+      s[t] = x;
+    }
+#pragma unroll
+    for (int t = 0; t < kIn; ++t) {
+      s[t] = warp_sum(s[t]);
+      if (!kp[t]) {
+        s[t] = -INFINITY;
+        continue;
+      }
+      if (pb.mode == Mode::Softmax) s[t] *= scale;
+      if (bias) s[t] += to_f(bias[h * pb.levels + lv[t]]);
+    }
+#pragma unroll
+    for (int t = 0; t < kIn; ++t) {
+      if (!kp[t]) continue;
+      const float nm = fmaxf(m, s[t]);
+      const float r = m == -INFINITY ? 0.f : __expf(m - nm);
+      const float p = __expf(s[t] - nm);
+      l = l * r + p;
+      m = nm;
+#pragma unroll
+      for (int j = 0; j < kSplitMaxV; ++j) {
+        const int64_t d = lane + 32 * j;
+        acc[j] = acc[j] * r + (d < Dv ? p * wgt[t] * to_f(vp[t][d]) : 0.f);
+      }
+    }
+  }
+  if (lane == 0) {
+    wm[warp] = m;
+    wl[warp] = l;
+  }
+#pragma unroll
+  for (int j = 0; j < kSplitMaxV; ++j) wacc[warp][lane + 32 * j] = acc[j];
+  __syncthreads();
+  float M = -INFINITY;
+  for (int w = 0; w < 4; ++w) M = fmaxf(M, wm[w]);
+  float* out = ws + (u * nsplit + split) * (Dv + 2);
+  float f[4];
+  for (int w = 0; w < 4; ++w) f[w] = wm[w] == -INFINITY ? 0.f : __expf(wm[w] - M);
+  if (threadIdx.x == 0) {
+    out[0] = M;
+    out[1] = f[0] * wl[0] + f[1] * wl[1] + f[2] * wl[2] + f[3] * wl[3];
+  }
+  for (int64_t d = threadIdx.x; d < Dv; d += blockDim.x)
+    out[2 + d] = f[0] * wacc[0][d] + f[1] * wacc[1][d] + f[2] * wacc[2][d] + f[3] * wacc[3][d];
+}
+
+template <class T>
+__global__ void __launch_bounds__(128) decode_split_combine(DecArgs a, int32_t nsplit, const T* q, const T* k, const T* v,
+                                                            const float* ws, T* kA, T* vA, T* kB, T* yB, T* y) {
+  extern __shared__ float fac[];  // nsplit
+  __shared__ float red[32];
+  const DecodeProblem& pb = a.pb;
+  const int64_t u = blockIdx.x, b = u / pb.H, h = u % pb.H;
+  const int64_t i = a.st.pos_in[b];
+  const int64_t Dk = pb.Dk, Dv = pb.Dv;
+  const int tid = threadIdx.x;
+  const T* ki = k + u * Dk;
+  const T* vi = v + u * Dv;
+  bool nonfinite = false;
+  for (int64_t d = tid; d < Dk; d += blockDim.x) nonfinite |= !isfinite(to_f(q[u * Dk + d])) || !isfinite(to_f(ki[d]));
+  for (int64_t d = tid; d < Dv; d += blockDim.x) nonfinite |= !isfinite(to_f(vi[d]));
+  if (__syncthreads_or(nonfinite) && tid == 0) {
+    volatile unsigned long long* f = a.st.bad + b;
+    if (*f == 0) *f = static_cast<unsigned long long>(i + 1);
+  }
+  const float* base = ws + u * nsplit * (Dv + 2);
+  float mx = -INFINITY;
+  for (int s = tid; s < nsplit; s += blockDim.x) mx = fmaxf(mx, base[s * (Dv + 2)]);
+  const float M = block_reduce<true>(mx, red);
+  float sum = 0.f;
+  for (int s = tid; s < nsplit; s += blockDim.x) {
+    const float ms = base[s * (Dv + 2)];
+    const float fs = ms == -INFINITY ? 0.f : __expf(ms - M);
+    fac[s] = fs;
+    sum += fs * base[s * (Dv + 2) + 1];
+  }
+  const float L = block_reduce<false>(sum, red);
+  __syncthreads();
+  const float inv = 1.f / L;
+  if (h == 0 && tid == 0) a.st.pos_out[b] = i + 1;
+  const int64_t new_a = pb.capA > 0 ? i % pb.capA : -1, new_b = pb.capB > 0 ? i % pb.capB : -1;
+  for (int64_t d = tid; d < Dv; d += blockDim.x) {
+    float x = 0.f;
+#pragma unroll 8
+    for (int s = 0; s < nsplit; ++s) x = fmaf(fac[s], base[s * (Dv + 2) + 2 + d], x);
+    const T yv = from_f<T>(x * inv);
+    y[u * Dv + d] = yv;
+    if (new_a >= 0) vA[(u * pb.capA + new_a) * Dv + d] = vi[d];
+    if (new_b >= 0) yB[(u * pb.capB + new_b) * Dv + d] = yv;
+  }
+  for (int64_t d = tid; d < Dk; d += blockDim.x) {
+    if (new_a >= 0) kA[(u * pb.capA + new_a) * Dk + d] = ki[d];
+    if (new_b >= 0) kB[(u * pb.capB + new_b) * Dk + d] = ki[d];
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Host side: planning, workspace layout, launches.
 
@@ -1911,6 +2088,19 @@ void decode_t(const PatternDesc& pat, const DecodeProblem& pb, const CudaDecodeS
   const bool lattice = st.slot_in != nullptr;
   if (lattice && nbl > kDecMaxLevels) throw std::invalid_argument("tokmix CUDA decode: more than 4096 lattice levels");
   DecArgs a{pat, pb, st, nbl};
+  if (st.split_ws) {
+    if (lattice || pb.Dv > 32 * kSplitMaxV || pb.Dk > 256)
+      throw std::invalid_argument("tokmix CUDA decode: the split path takes non-lattice patterns with Dk, Dv <= 256");
+    const int32_t chunk = static_cast<int32_t>(split_chunk(pb)), ns = static_cast<int32_t>(split_count(pb));
+    auto cs = static_cast<cudaStream_t>(stream);
+    decode_split_partial<T><<<dim3(ns, pb.batch * pb.H), 128, 0, cs>>>(a, chunk, ns, q, k, v, bias, gw, kA, vA, kB, yB, st.split_ws);
+    TOKMIX_LAUNCHED("decode_split_partial");
+    const size_t smc = sizeof(float) * ns;
+    allow_smem(decode_split_combine<T>, smc);
+    decode_split_combine<T><<<pb.batch * pb.H, 128, smc, cs>>>(a, ns, q, k, v, st.split_ws, kA, vA, kB, yB, y);
+    TOKMIX_LAUNCHED("decode_split_combine");
+    return;
+  }
   const size_t sm = decode_smem(pb, nbl, lattice);
   allow_smem(decode_kernel<T>, sm);
   decode_kernel<T><<<dim3(pb.batch, pb.H), kDecThreads, sm, static_cast<cudaStream_t>(stream)>>>(a, q, k, v, bias, gw, kA, vA, kB, yB, y);
@@ -1972,6 +2162,11 @@ void decode_step_cuda(const PatternDesc& dev_pat, const DecodeProblem& pb, const
   TOKMIX_DISPATCH(dtype, decode_t<T>(dev_pat, pb, st, nbl, static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
                                      static_cast<const T*>(bias), static_cast<const T*>(gate_w), static_cast<T*>(kA),
                                      static_cast<T*>(vA), static_cast<T*>(kB), static_cast<T*>(yB), static_cast<T*>(y), stream));
+}
+
+int64_t decode_split_floats(const DecodeProblem& pb, bool lattice) {
+  if (lattice || pb.capA + pb.capB < kSplitMin || pb.Dv > 32 * kSplitMaxV || pb.Dk > 256) return 0;
+  return pb.batch * pb.H * split_count(pb) * (pb.Dv + 2);
 }
 
 unsigned long long* decode_flags_alloc(int64_t n, unsigned long long** dev) {
