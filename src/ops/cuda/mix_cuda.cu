@@ -28,7 +28,6 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
-#include <type_traits>
 #include <vector>
 
 #ifndef TOKMIX_WITH_CUDA
@@ -1542,25 +1541,6 @@ __global__ void __launch_bounds__(kDecThreads) decode_kernel(DecArgs a, const T*
   }
 }
 
-// Four contiguous elements of a row (d .. d + 3, those below n) as floats: one 8- or 16-byte
-// load when the row allows it. The split decode's lanes read rows this way (lane l: elements
-// 128 g + 4 l .. + 3), so a row of 128 bf16 is one load per lane instead of four.
-template <class T>
-__device__ __forceinline__ void load4(const T* p, int64_t d, int64_t n, float out[4]) {
-  static_assert(sizeof(T) == 2 || sizeof(T) == 4, "16- or 32-bit elements");
-  if (d + 3 < n && (reinterpret_cast<uintptr_t>(p + d) & (4 * sizeof(T) - 1)) == 0) {
-    using V = typename std::conditional<sizeof(T) == 2, uint2, uint4>::type;
-    const V raw = *reinterpret_cast<const V*>(p + d);
-    T e[4];
-    memcpy(e, &raw, sizeof raw);
-#pragma unroll
-    for (int t = 0; t < 4; ++t) out[t] = to_f(e[t]);
-    return;
-  }
-#pragma unroll
-  for (int t = 0; t < 4; ++t) out[t] = d + t < n ? to_f(p[d + t]) : 0.f;
-}
-
 // Split decode (flash-decoding) for rows of many entries: block (split, u) scores a slice of
 // kSplitChunk entries of row i of head u, one warp per entry (lanes over Dk, then over Dv),
 // four entries in flight per warp, with its own running max; decode_split_combine merges the
@@ -1602,7 +1582,7 @@ __global__ void __launch_bounds__(128) decode_split_partial(DecArgs a, int32_t c
   float m = -INFINITY, l = 0.f, acc[kSplitMaxV];
 #pragma unroll
   for (int j = 0; j < kSplitMaxV; ++j) acc[j] = 0.f;
-  constexpr int kIn = 4;  // entries in flight per warp (their k and v rows loaded together)
+  constexpr int kIn = 4;  // entries in flight per warp
   for (int64_t eb = e0 + warp * kIn; eb < e1; eb += 4 * kIn) {
     const T* kp[kIn];
     const T* vp[kIn];
@@ -1634,24 +1614,12 @@ __global__ void __launch_bounds__(128) decode_split_partial(DecArgs a, int32_t c
         wgt[t] = gamma;
       }
     }
-    float vv[kIn][kSplitMaxV];  // the entries' value rows, loaded with their keys
 #pragma unroll
     for (int t = 0; t < kIn; ++t) {
       float x = 0.f;
       if (kp[t]) {
         const T* src = pb.mode == Mode::Softmax ? kp[t] : gw + (h * pb.levels + lv[t]) * Dk;
-        for (int64_t d = 4 * lane; d < Dk; d += 128) {
-          float kv[4];
-          load4(src, d, Dk, kv);
-#pragma unroll
-          for (int c = 0; c < 4; ++c) x = d + c < Dk ? fmaf(qs[d + c], kv[c], x) : x;
-        }
-#pragma unroll
-        for (int g = 0; g < kSplitMaxV / 4; ++g) {
-          const int64_t d = 128 * g + 4 * lane;
-          if (d < Dv) load4(vp[t], d, Dv, &vv[t][4 * g]);
-          else for (int c = 0; c < 4; ++c) vv[t][4 * g + c] = 0.f;
-        }
+        for (int64_t d = lane; d < Dk; d += 32) x = fmaf(qs[d], to_f(src[d]), x);
       }
       s[t] = x;
     }
@@ -1674,16 +1642,18 @@ __global__ void __launch_bounds__(128) decode_split_partial(DecArgs a, int32_t c
       l = l * r + p;
       m = nm;
 #pragma unroll
-      for (int j = 0; j < kSplitMaxV; ++j) acc[j] = fmaf(p * wgt[t], vv[t][j], acc[j] * r);
+      for (int j = 0; j < kSplitMaxV; ++j) {
+        const int64_t d = lane + 32 * j;
+        acc[j] = acc[j] * r + (d < Dv ? p * wgt[t] * to_f(vp[t][d]) : 0.f);
+      }
     }
   }
   if (lane == 0) {
     wm[warp] = m;
     wl[warp] = l;
   }
-  // element 128 g + 4 lane + c is acc[4 g + c]
 #pragma unroll
-  for (int j = 0; j < kSplitMaxV; ++j) wacc[warp][128 * (j / 4) + 4 * lane + (j % 4)] = acc[j];
+  for (int j = 0; j < kSplitMaxV; ++j) wacc[warp][lane + 32 * j] = acc[j];
   __syncthreads();
   float M = -INFINITY;
   for (int w = 0; w < 4; ++w) M = fmaxf(M, wm[w]);
