@@ -59,6 +59,7 @@ struct DecodeProblem {
   Mode mode = Mode::Softmax;
   double scale = 1.0, gamma = 1.0;
   int64_t levels = 0;
+  int64_t row_max = 0;  // max |SA(i)| + |SB(i)| over the cache's rows (sizes the CUDA split path)
 };
 
 template <class T>
@@ -127,7 +128,8 @@ struct CudaDecodeState {
   // of workspace, caller-allocated (null: one block per (sequence, head)).
   float* split_ws = nullptr;
 };
-// Workspace floats a step needs for the split path (0: the row fits one block).
+// Workspace floats a step needs for the split path (0: the longest row, pb.row_max, fits one
+// block, or the pattern is a lattice).
 int64_t decode_split_floats(const DecodeProblem& pb, bool lattice);
 // Host-mapped flags (cudaHostAlloc, zero-filled): returns the host pointer, *dev the device one.
 unsigned long long* decode_flags_alloc(int64_t n, unsigned long long** dev);

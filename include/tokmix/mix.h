@@ -74,6 +74,9 @@ class MixCache {
   HostState host_state() const;
   void restore_host_state(const HostState& s);
   void replayed_step();
+  // Throws what the next step would throw on entry (NaN flags of earlier steps), and a
+  // logic_error when the device state is not in step with the host's; for use before a capture.
+  void check_device_state();
   // Device buffer the next CUDA step reads (0 or 1); steps alternate, so a graph is captured per
   // parity. -1 before the first CUDA step.
   int device_parity() const;
@@ -92,6 +95,7 @@ class MixCache {
   int64_t batch_, H_, Dk_, Dv_, max_context_;
   int64_t capA_, capB_;
   bool lattice_;
+  int64_t row_max_ = 0;                 // non-lattice: max |SA(i)| + |SB(i)| for i < max_context
   torch::Tensor kA_, vA_, kB_, yB_;     // [batch, H, cap, D]
   std::vector<int64_t> pos_;            // next row per sequence
   std::vector<int64_t> slot_pos_;       // lattice: [batch, capB] position held by each slot (-1 free)

@@ -111,7 +111,8 @@ DecodeSpeed measure_decode(nn::LanguageModelImpl& model, int64_t context, int64_
   const auto& cfg = model.config();
   if (context < 1 || steps < 1 || batch < 1 || context + steps + 2 > cfg.max_context)
     throw std::invalid_argument("measure_decode: context " + std::to_string(context) + " + steps " + std::to_string(steps) +
-                                " + 2 warm-up steps must fit max_context = " + std::to_string(cfg.max_context) + " (and all >= 1)");
+                                " + 2 warm-up steps must fit max_context = " + std::to_string(cfg.max_context) + ", and batch " +
+                                std::to_string(batch) + ", context and steps must be >= 1");
   torch::NoGradGuard ng;
   const auto dev = model.parameters().front().device();
   auto sync = [&] {

@@ -1,5 +1,7 @@
 #include "tokmix/infer/graph_decode.h"
 
+#include <cstdio>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 
@@ -18,8 +20,12 @@ using torch::Tensor;
 namespace {
 // tokens [N] int64 -> a CPU copy, checked against the vocabulary and the state
 Tensor checked_tokens(const nn::LanguageModelImpl& m, const nn::DecodeState& s, const Tensor& tokens) {
-  if (tokens.dim() != 1 || tokens.size(0) != s.batch || tokens.scalar_type() != torch::kInt64)
-    throw std::invalid_argument("GraphDecoder::step: tokens must be int64 [" + std::to_string(s.batch) + "] (one per sequence)");
+  if (tokens.dim() != 1 || tokens.size(0) != s.batch || tokens.scalar_type() != torch::kInt64) {
+    std::ostringstream got;
+    got << tokens.sizes() << " " << tokens.scalar_type();
+    throw std::invalid_argument("GraphDecoder::step: tokens are " + got.str() + "; expected int64 [" + std::to_string(s.batch) +
+                                "] (one per sequence)");
+  }
   Tensor tc = tokens.to(torch::kCPU).contiguous();
   const int64_t* t = tc.data_ptr<int64_t>();
   for (int64_t b = 0; b < s.batch; ++b) {
@@ -44,6 +50,7 @@ struct GraphDecoder::Impl {
   std::vector<int64_t> positions;      // s.positions after this decoder's last step
   std::vector<const void*> conv_ptrs;  // the convolution tails the graphs read and write
   bool warmed = false;
+  bool eager_only = false;  // a capture failed: every step runs eagerly
 
   Impl(nn::LanguageModelImpl& model, nn::DecodeState& state)
       : m(model), s(state), stream(c10::cuda::getStreamFromPool(false, model.parameters().front().device().index())) {}
@@ -70,6 +77,9 @@ struct GraphDecoder::Impl {
       if (par != -2 && p != par) throw std::logic_error("GraphDecoder: the layers' caches are at different parities");
       par = p;
     }
+    // what a step would throw on entry (NaN flags of earlier steps) is thrown here, outside
+    // the capture
+    for (auto& l : s.layers) l.cache->check_device_state();
     std::vector<MixCache::HostState> saved;
     for (auto& l : s.layers) saved.push_back(l.cache->host_state());
     const std::vector<int64_t> saved_pos = s.positions;
@@ -90,9 +100,15 @@ struct GraphDecoder::Impl {
         pos.add_(1);
         g->capture_end();
       } catch (...) {
-        cudaGraph_t dead = nullptr;
-        cudaStreamEndCapture(stream.stream(), &dead);  // leave the stream usable
-        if (dead) cudaGraphDestroy(dead);
+        // end the capture through the graph object (the allocator's capture bookkeeping ends
+        // with it); only if that fails, end it on the stream directly
+        try {
+          g->capture_end();
+        } catch (...) {
+          cudaGraph_t dead = nullptr;
+          cudaStreamEndCapture(stream.stream(), &dead);
+          if (dead) cudaGraphDestroy(dead);
+        }
         cudaGetLastError();
         graph[0].reset();
         graph[1].reset();
@@ -106,6 +122,15 @@ struct GraphDecoder::Impl {
     conv_ptrs = conv_now();
   }
 
+  // one step without graphs (the warm-up, or every step once a capture failed)
+  Tensor eager(const Tensor& tc) {
+    tokens.copy_(tc);
+    pos.copy_(torch::tensor(s.positions, torch::kInt64));
+    Tensor logits = m.step_unchecked(s, tokens, pos);
+    for (auto& p : s.positions) ++p;
+    return logits;
+  }
+
   Tensor step(const Tensor& tokens_in) {
     Tensor tc = checked_tokens(m, s, tokens_in);
     auto caller = c10::cuda::getCurrentCUDAStream(stream.device_index());
@@ -116,33 +141,45 @@ struct GraphDecoder::Impl {
       pos = torch::empty_like(tokens);
     }
     Tensor logits;
-    if (!warmed) {
-      tokens.copy_(tc);
-      pos.copy_(torch::tensor(s.positions, torch::kInt64));
-      logits = m.step_unchecked(s, tokens, pos);
-      for (auto& p : s.positions) ++p;
+    if (!warmed || eager_only) {
+      logits = eager(tc);
       warmed = true;
     } else {
-      if (!graph[0]) capture(tc);
-      else if (s.positions != positions || conv_now() != conv_ptrs)
-        throw std::logic_error("GraphDecoder::step: the decode state changed outside this decoder (reset, prefill or an eager step); "
-                               "make a new GraphDecoder");
-      const int par = s.layers.empty() ? 0 : s.layers[0].cache->device_parity();
-      if (par < 0) throw std::logic_error("GraphDecoder::step: a mixer cache changed outside this decoder; make a new GraphDecoder");
-      // host side first: it throws (NaN flags of an earlier step) before anything runs
-      std::vector<MixCache::HostState> saved;
-      for (auto& l : s.layers) saved.push_back(l.cache->host_state());
-      size_t done = 0;
-      try {
-        for (; done < s.layers.size(); ++done) s.layers[done].cache->replayed_step();
-      } catch (...) {
-        for (size_t l = 0; l < done; ++l) s.layers[l].cache->restore_host_state(saved[l]);
-        throw;
+      if (!graph[0]) {
+        try {
+          capture(tc);
+        } catch (const std::invalid_argument&) {
+          throw;  // bad input (NaN flags): the caller's error, as in an eager step
+        } catch (const std::exception& e) {
+          // the host state was restored: go on without graphs
+          std::fprintf(stderr, "GraphDecoder: CUDA graph capture failed (%s); decoding without graphs\n", e.what());
+          eager_only = true;
+        }
       }
-      tokens.copy_(tc);
-      graph[par]->replay();
-      logits = out[par].clone();
-      for (auto& p : s.positions) ++p;
+      if (eager_only) {
+        logits = eager(tc);
+      } else {
+        if (s.positions != positions || conv_now() != conv_ptrs)
+          throw std::logic_error("GraphDecoder::step: the decode state changed outside this decoder (reset, prefill or an eager step); "
+                                 "make a new GraphDecoder");
+        const int par = s.layers.empty() ? 0 : s.layers[0].cache->device_parity();
+        if (par < 0) throw std::logic_error("GraphDecoder::step: a mixer cache changed outside this decoder; make a new GraphDecoder");
+        // host side first: it throws (NaN flags of an earlier step) before anything runs; a
+        // layer that throws leaves its own state as it was, the layers before it are restored
+        std::vector<MixCache::HostState> saved;
+        for (auto& l : s.layers) saved.push_back(l.cache->host_state());
+        size_t done = 0;
+        try {
+          for (; done < s.layers.size(); ++done) s.layers[done].cache->replayed_step();
+        } catch (...) {
+          for (size_t l = 0; l < done; ++l) s.layers[l].cache->restore_host_state(saved[l]);
+          throw;
+        }
+        tokens.copy_(tc);
+        graph[par]->replay();
+        logits = out[par].clone();
+        for (auto& p : s.positions) ++p;
+      }
     }
     positions = s.positions;
     order(stream, caller);

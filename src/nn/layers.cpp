@@ -265,7 +265,7 @@ Tensor TokenMixerImpl::step(const Tensor& x, const Tensor& pos, MixerState& s) {
     Tensor out = win.select(1, w - 1) * conv_weight.select(1, w - 1);
     for (int64_t j = 1; j < w; ++j) out = out + win.select(1, w - 1 - j) * conv_weight.select(1, w - 1 - j);
     // in place: a step captured in a CUDA graph reads and writes the same tail every replay
-    if (w > 1) s.conv.copy_(win.narrow(1, 1, w - 1));
+    if (w > 1) s.conv.copy_(win.narrow(1, 1, w - 1).detach());
     u = out;
   }
   Tensor q, k, v;

@@ -17,6 +17,7 @@
 
 #ifdef TOKMIX_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #endif
 
 namespace tokmix {
@@ -319,6 +320,7 @@ struct DecodeDev {
   unsigned long long* flags_dev = nullptr;
   std::vector<int64_t> pos_seen, slots_seen;  // the host state right after the last step
   int par = 0;                                // buffer the next step reads
+  std::vector<cudaStream_t> streams;          // streams recorded on buf
   DecodeDev() = default;
   DecodeDev(const DecodeDev&) = delete;
   DecodeDev& operator=(const DecodeDev&) = delete;
@@ -541,6 +543,7 @@ MixCache::MixCache(std::shared_ptr<const Pattern> pattern, int64_t batch, int64_
   capA_ = pattern_->cache_A(max_context);
   capB_ = pattern_->cache_B(max_context);
   lattice_ = pattern_->B().kind == SupportKind::Lattice;
+  row_max_ = lattice_ ? 0 : pattern_->max_row_size(max_context);
   auto o = torch::TensorOptions().dtype(dtype).device(device);
   kA_ = torch::zeros({batch, H, capA_, Dk}, o);
   vA_ = torch::zeros({batch, H, capA_, Dv}, o);
@@ -719,8 +722,10 @@ torch::Tensor MixCache::step(const Tensor& q, const Tensor& k, const Tensor& v, 
 #ifdef TOKMIX_WITH_CUDA
   if (q.is_cuda()) {
     cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
-    cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(q.device().index()).stream(), &cs);
-    capturing = cs != cudaStreamCaptureStatusNone;
+    // an error here counts as capturing: the weight checks are skipped rather than risked
+    capturing = cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(q.device().index()).stream(), &cs) != cudaSuccess ||
+                cs != cudaStreamCaptureStatusNone;
+    if (capturing && cs == cudaStreamCaptureStatusNone) cudaGetLastError();
   }
 #endif
   if (!capturing) {
@@ -753,6 +758,7 @@ torch::Tensor MixCache::step(const Tensor& q, const Tensor& k, const Tensor& v, 
   pb.scale = opt.scale < 0 ? 1.0 / std::sqrt(static_cast<double>(Dk_)) : opt.scale;
   pb.gamma = opt.gamma;
   pb.levels = levels;
+  pb.row_max = row_max_;
   pb.pos = pos_.data();
   std::vector<int64_t> new_a(batch_, -1), new_b(batch_, -1), slot_of;
   std::vector<int64_t> pos_before, slots_before;  // CUDA: the host state on entry (see the CUDA branch)
@@ -862,6 +868,12 @@ void MixCache::cuda_sync_state(const std::vector<int64_t>& pos_before, const std
   DecodeDev& dd = decode_dev(kA_, batch_, capB_, lattice_);
   auto stream = at::cuda::getCurrentCUDAStream(kA_.device().index());
   int64_t* dbuf = dd.buf.data_ptr<int64_t>();
+  // the table may be used on several streams (a GraphDecoder's, the caller's): the allocator
+  // must not reuse it before all of them are done
+  if (std::find(dd.streams.begin(), dd.streams.end(), stream.stream()) == dd.streams.end()) {
+    c10::cuda::CUDACachingAllocator::recordStream(dd.buf.storage().data_ptr(), stream);
+    dd.streams.push_back(stream.stream());
+  }
   if (dd.pos_seen != pos_before || dd.slots_seen != slots_before) {
     if (capturing) {
       pos_ = pos_before;
@@ -917,8 +929,9 @@ MixCache::HostState MixCache::host_state() const {
 
 void MixCache::restore_host_state(const HostState& s) {
   if (int64_t(s.pos.size()) != batch_ || s.slot_pos.size() != slot_pos_.size())
-    throw std::invalid_argument("tokmix::MixCache::restore_host_state: a state of another cache (batch " + std::to_string(s.pos.size()) +
-                                "; expected " + std::to_string(batch_) + ")");
+    throw std::invalid_argument("tokmix::MixCache::restore_host_state: a state of another cache (" + std::to_string(s.pos.size()) +
+                                " positions and " + std::to_string(s.slot_pos.size()) + " lattice slots; expected " + std::to_string(batch_) +
+                                " and " + std::to_string(slot_pos_.size()) + ")");
   pos_ = s.pos;
   slot_pos_ = s.slot_pos;
 #ifdef TOKMIX_WITH_CUDA
@@ -928,6 +941,12 @@ void MixCache::restore_host_state(const HostState& s) {
     dd.slots_seen = s.dev_slots;
     dd.par = s.parity;
   }
+#endif
+}
+
+void MixCache::check_device_state() {
+#ifdef TOKMIX_WITH_CUDA
+  if (kA_.is_cuda()) cuda_sync_state(pos_, slot_pos_, /*capturing=*/true);
 #endif
 }
 
@@ -950,12 +969,18 @@ void MixCache::replayed_step() {
                            "capture again");
   for (int64_t b = 0; b < batch_; ++b)
     if (pos_[b] >= max_context_)
-      throw std::invalid_argument("tokmix::MixCache::step: sequence " + std::to_string(b) + " is at position " + std::to_string(pos_[b]) +
-                                  "; the cache was made for max_context = " + std::to_string(max_context_));
+      throw std::invalid_argument("tokmix::MixCache::replayed_step: sequence " + std::to_string(b) + " is at position " +
+                                  std::to_string(pos_[b]) + "; the cache was made for max_context = " + std::to_string(max_context_));
   const std::vector<int64_t> pos_before = pos_, slots_before = slot_pos_;
   cuda_sync_state(pos_before, slots_before, /*capturing=*/true);  // flags only: the state is in step
-  if (lattice_)
-    for (int64_t b = 0; b < batch_; ++b) lattice_advance(b, pos_[b]);
+  if (lattice_) {
+    try {
+      for (int64_t b = 0; b < batch_; ++b) lattice_advance(b, pos_[b]);
+    } catch (...) {
+      slot_pos_ = slots_before;  // all or nothing
+      throw;
+    }
+  }
   for (auto& p : pos_) ++p;
   dd.par = 1 - dd.par;
   dd.pos_seen = pos_;

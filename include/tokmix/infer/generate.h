@@ -49,7 +49,7 @@ struct DecodeSpeed {
   double tokens_per_s = 0;         // eager steps (one launch per kernel), all sequences
   double graph_tokens_per_s = 0;   // CUDA graph replays (0: not measured)
   double graph_max_rel_diff = -1;  // max |graph - eager| / max |eager| over every step's logits
-  int64_t cache_bytes = 0;         // mixer stores + conv tails
+  int64_t cache_bytes = 0;         // per sequence: mixer stores + conv tails
 };
 DecodeSpeed measure_decode(nn::LanguageModelImpl& model, int64_t context, int64_t steps, int64_t batch = 1, bool graph = true);
 

@@ -1542,22 +1542,25 @@ __global__ void __launch_bounds__(kDecThreads) decode_kernel(DecArgs a, const T*
 }
 
 // Split decode (flash-decoding) for rows of many entries: block (split, u) scores a slice of
-// kSplitChunk entries of row i of head u, one warp per entry (lanes over Dk, then over Dv),
+// chunk (split_chunk) entries of row i of head u, one warp per entry (lanes over Dk, then over Dv),
 // four entries in flight per warp, with its own running max; decode_split_combine merges the
-// slices, writes y and the new cache entries. Used when the caches can hold more than
-// kSplitMin entries and the pattern is not a lattice (lattices are small).
+// slices, writes y and the new cache entries. Used when a row of the cache's context can have
+// kSplitMin entries or more and the pattern is not a lattice (lattices are small).
 constexpr int kSplitChunk = 128;
 constexpr int64_t kSplitMin = 1024;
 constexpr int kSplitMaxV = 8;  // Dv <= 256 on this path
 constexpr int kSplitMaxSplits = 8192;
 
+// Entries per split: kSplitChunk, doubled until the grid holds about four blocks per resident
+// slot of the machine (132 SMs x 16 blocks on an H200) or fewer than kSplitMaxSplits splits: a
+// large batch needs fewer splits per row, and the workspace stays a few MB.
 int64_t split_chunk(const DecodeProblem& pb) {
-  const int64_t maxe = pb.capA + pb.capB + 1;
+  const int64_t rows = pb.batch * pb.H, target = std::max<int64_t>(1, 4 * 132 * 16 / std::max<int64_t>(rows, 1));
   int64_t c = kSplitChunk;
-  while ((maxe + c - 1) / c > kSplitMaxSplits) c *= 2;
+  while ((pb.row_max + c - 1) / c > std::min<int64_t>(kSplitMaxSplits, target) && c < (int64_t(1) << 40)) c *= 2;
   return c;
 }
-int64_t split_count(const DecodeProblem& pb) { return (pb.capA + pb.capB + 1 + split_chunk(pb) - 1) / split_chunk(pb); }
+int64_t split_count(const DecodeProblem& pb) { return std::max<int64_t>(1, (pb.row_max + split_chunk(pb) - 1) / split_chunk(pb)); }
 
 template <class T>
 __global__ void __launch_bounds__(128) decode_split_partial(DecArgs a, int32_t chunk, int32_t nsplit, const T* q, const T* k, const T* v,
@@ -1567,8 +1570,8 @@ __global__ void __launch_bounds__(128) decode_split_partial(DecArgs a, int32_t c
   __shared__ float wm[4], wl[4];
   __shared__ float wacc[4][32 * kSplitMaxV];
   const DecodeProblem& pb = a.pb;
-  const int split = blockIdx.x;
-  const int64_t u = blockIdx.y, b = u / pb.H, h = u % pb.H;
+  const int split = blockIdx.y;  // y: at most kSplitMaxSplits; x: batch * H, which may exceed 65535
+  const int64_t u = blockIdx.x, b = u / pb.H, h = u % pb.H;
   const int64_t i = a.st.pos_in[b];
   const int64_t Dk = pb.Dk, Dv = pb.Dv;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -2093,7 +2096,7 @@ void decode_t(const PatternDesc& pat, const DecodeProblem& pb, const CudaDecodeS
       throw std::invalid_argument("tokmix CUDA decode: the split path takes non-lattice patterns with Dk, Dv <= 256");
     const int32_t chunk = static_cast<int32_t>(split_chunk(pb)), ns = static_cast<int32_t>(split_count(pb));
     auto cs = static_cast<cudaStream_t>(stream);
-    decode_split_partial<T><<<dim3(ns, pb.batch * pb.H), 128, 0, cs>>>(a, chunk, ns, q, k, v, bias, gw, kA, vA, kB, yB, st.split_ws);
+    decode_split_partial<T><<<dim3(pb.batch * pb.H, ns), 128, 0, cs>>>(a, chunk, ns, q, k, v, bias, gw, kA, vA, kB, yB, st.split_ws);
     TOKMIX_LAUNCHED("decode_split_partial");
     const size_t smc = sizeof(float) * ns;
     allow_smem(decode_split_combine<T>, smc);
@@ -2165,7 +2168,7 @@ void decode_step_cuda(const PatternDesc& dev_pat, const DecodeProblem& pb, const
 }
 
 int64_t decode_split_floats(const DecodeProblem& pb, bool lattice) {
-  if (lattice || pb.capA + pb.capB < kSplitMin || pb.Dv > 32 * kSplitMaxV || pb.Dk > 256) return 0;
+  if (lattice || pb.row_max < kSplitMin || pb.Dv > 32 * kSplitMaxV || pb.Dk > 256) return 0;
   return pb.batch * pb.H * split_count(pb) * (pb.Dv + 2);
 }
 
