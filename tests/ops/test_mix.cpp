@@ -449,6 +449,37 @@ TEST(Decode, CacheSizesFollowThePattern) {
   }
 }
 
+// The host state a CUDA graph capture saves and restores (infer::GraphDecoder): a snapshot
+// brings positions and the lattice's slot table back exactly; a state of another cache is
+// refused; replaying needs a CUDA cache.
+TEST(Decode, HostStateRoundTrip) {
+  auto pat = pattern_from_spec("sq1-lattice");
+  MixCache cache(pat, 2, 1, 4, 4, 600);
+  torch::NoGradGuard ng;
+  auto step = [&] { cache.step(torch::randn({2, 1, 4}), torch::randn({2, 1, 4}), torch::randn({2, 1, 4}), MixOptions{}); };
+  for (int t = 0; t < 130; ++t) step();
+  const MixCache::HostState snap = cache.host_state();
+  const auto held = cache.held_positions_B(1);
+  for (int t = 0; t < 57; ++t) step();  // evictions and new slots past the snapshot
+  ASSERT_NE(cache.held_positions_B(1), held);
+  cache.restore_host_state(snap);
+  EXPECT_EQ(cache.positions(), std::vector<int64_t>({130, 130}));
+  EXPECT_EQ(cache.held_positions_B(1), held);
+  EXPECT_EQ(cache.entries(0), (int64_t)pat->row_B(130).size());
+  MixCache other(pat, 3, 1, 4, 4, 600);
+  const std::string msg = [&] {
+    try {
+      cache.restore_host_state(other.host_state());
+    } catch (const std::invalid_argument& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  }();
+  EXPECT_NE(msg.find("expected 2"), std::string::npos) << msg;
+  EXPECT_EQ(cache.device_parity(), -1);
+  EXPECT_THROW(cache.replayed_step(), std::logic_error);
+}
+
 // ----------------------------------------------------------------------------------------------
 // Bad input: a clear error naming the value, never a crash
 
