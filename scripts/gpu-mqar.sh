@@ -41,7 +41,7 @@ GRID=(
 )
 i=0
 start=$SECONDS
-jobs_of() { local p; p=$(jobs -rp); [ -z "$p" ] && echo 0 || echo "$p" | wc -l; }
+jobs_of() { jobs -rp | wc -l; }
 for row in "${GRID[@]}"; do
   IFS='|' read -r name model mixer <<<"$row"
   for lr in $LRS; do

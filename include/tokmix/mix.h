@@ -86,6 +86,9 @@ class MixCache {
   void check_prefill(const torch::Tensor& q, const MixOptions& opt) const;
   // fills the cache from checked prompts and their outputs
   void store_prompts(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& y, const MixOptions& opt);
+  void check_room() const;  // every sequence has a row left
+  // the host side of a finished CUDA step (run or replayed): positions, parity, what the device holds
+  void cuda_step_done();
   // lattice: evicts what row i + 1 no longer reads, gives token i a free slot (or -1: not kept)
   int64_t lattice_advance(int64_t b, int64_t i);
   // CUDA: NaN flags of earlier steps (throws, restoring `before`), or upload of a host state

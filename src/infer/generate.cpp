@@ -160,6 +160,9 @@ DecodeSpeed measure_decode(nn::LanguageModelImpl& model, int64_t context, int64_
       diff = std::isfinite(d) ? std::max(diff, d) : std::numeric_limits<double>::infinity();
     }
     r.graph_max_rel_diff = diff;
+    if (!(diff <= 1e-4))
+      throw std::runtime_error("measure_decode: the CUDA graph's logits differ from the eager step's by " + std::to_string(diff) +
+                               " (relative); expected equal");
   }
   return r;
 }

@@ -1,7 +1,6 @@
 #include "tokmix/infer/graph_decode.h"
 
 #include <cstdio>
-#include <sstream>
 #include <stdexcept>
 #include <string>
 
@@ -16,29 +15,6 @@ namespace tokmix::infer {
 using torch::Tensor;
 
 #ifdef TOKMIX_WITH_CUDA
-
-namespace {
-// tokens [N] int64 -> a CPU copy, checked against the vocabulary and the state
-Tensor checked_tokens(const nn::LanguageModelImpl& m, const nn::DecodeState& s, const Tensor& tokens) {
-  if (tokens.dim() != 1 || tokens.size(0) != s.batch || tokens.scalar_type() != torch::kInt64) {
-    std::ostringstream got;
-    got << tokens.sizes() << " " << tokens.scalar_type();
-    throw std::invalid_argument("GraphDecoder::step: tokens are " + got.str() + "; expected int64 [" + std::to_string(s.batch) +
-                                "] (one per sequence)");
-  }
-  Tensor tc = tokens.to(torch::kCPU).contiguous();
-  const int64_t* t = tc.data_ptr<int64_t>();
-  for (int64_t b = 0; b < s.batch; ++b) {
-    if (t[b] < 0 || t[b] >= m.config().vocab_size)
-      throw std::invalid_argument("GraphDecoder::step: token id " + std::to_string(t[b]) + " of sequence " + std::to_string(b) +
-                                  " is outside the vocabulary [0, " + std::to_string(m.config().vocab_size) + ")");
-    if (s.positions[b] >= s.max_context)
-      throw std::invalid_argument("GraphDecoder::step: sequence " + std::to_string(b) + " is full (" + std::to_string(s.positions[b]) +
-                                  " tokens, max_context = " + std::to_string(s.max_context) + ")");
-  }
-  return tc;
-}
-}  // namespace
 
 struct GraphDecoder::Impl {
   nn::LanguageModelImpl& m;
@@ -132,7 +108,8 @@ struct GraphDecoder::Impl {
   }
 
   Tensor step(const Tensor& tokens_in) {
-    Tensor tc = checked_tokens(m, s, tokens_in);
+    const Tensor tc = tokens_in.to(torch::kCPU).contiguous();  // checked on the host: no device read
+    m.check_step(s, tc);
     auto caller = c10::cuda::getCurrentCUDAStream(stream.device_index());
     order(caller, stream);
     c10::cuda::CUDAStreamGuard sg(stream);

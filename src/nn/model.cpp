@@ -163,7 +163,7 @@ Tensor LanguageModelImpl::prefill(DecodeState& s, const std::vector<std::vector<
   return head(h[0].index_select(0, torch::tensor(last, torch::TensorOptions().dtype(torch::kInt64)).to(device)));
 }
 
-Tensor LanguageModelImpl::step(DecodeState& s, const Tensor& tokens) {
+void LanguageModelImpl::check_step(const DecodeState& s, const Tensor& tokens) const {
   if (tokens.dim() != 1 || tokens.size(0) != s.batch)
     throw std::invalid_argument("LanguageModel::step: tokens must be [" + std::to_string(s.batch) + "] (one per sequence)");
   check_tokens(tokens);
@@ -171,6 +171,10 @@ Tensor LanguageModelImpl::step(DecodeState& s, const Tensor& tokens) {
     if (s.positions[b] >= s.max_context)
       throw std::invalid_argument("LanguageModel::step: sequence " + std::to_string(b) + " is full (" + std::to_string(s.positions[b]) +
                                   " tokens, max_context = " + std::to_string(s.max_context) + ")");
+}
+
+Tensor LanguageModelImpl::step(DecodeState& s, const Tensor& tokens) {
+  check_step(s, tokens);
   const auto device = tok_emb->weight.device();
   Tensor pos = torch::tensor(s.positions, torch::TensorOptions().dtype(torch::kInt64)).to(device);
   Tensor logits = step_unchecked(s, tokens.to(device), pos);

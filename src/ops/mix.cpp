@@ -703,10 +703,7 @@ torch::Tensor MixCache::step(const Tensor& q, const Tensor& k, const Tensor& v, 
     check_finite(kk, "k");
     check_finite(v, "v");
   }
-  for (int64_t b = 0; b < batch_; ++b)
-    if (pos_[b] >= max_context_)
-      badstep("sequence " + std::to_string(b) + " is at position " + std::to_string(pos_[b]) + "; the cache was made for max_context = " +
-              std::to_string(max_context_));
+  check_room();
   // Levels: the tables must cover the longest row this cache serves.
   const int64_t need = pattern_->num_levels(max_context_);
   if (!(opt.gamma > 0.0 && opt.gamma <= 1.0)) badstep("gamma = " + std::to_string(opt.gamma) + "; expected 0 < gamma <= 1");
@@ -831,10 +828,7 @@ torch::Tensor MixCache::step(const Tensor& q, const Tensor& k, const Tensor& v, 
     const PatternDesc ddesc = device_desc(*pattern_, q.device());
     kernels::decode_step_cuda(ddesc, dpb, st, pattern_->num_B_levels(max_context_), cuda_dtype(q), cptr(qc), cptr(kc), cptr(vc), cptr(bias),
                               cptr(gw), mptr(kA_), mptr(vA_), mptr(kB_), mptr(yB_), mptr(y), stream.stream());
-    dd.par = 1 - dd.par;
-    for (auto& p : pos_) ++p;
-    dd.pos_seen = pos_;
-    dd.slots_seen = slot_pos_;
+    cuda_step_done();
     return y;
 #else
     badstep("this build has no CUDA decode backend (configure with -DTOKMIX_CUDA=ON)");
@@ -847,6 +841,23 @@ torch::Tensor MixCache::step(const Tensor& q, const Tensor& k, const Tensor& v, 
   });
   for (auto& p : pos_) ++p;
   return y;
+}
+
+void MixCache::check_room() const {
+  for (int64_t b = 0; b < batch_; ++b)
+    if (pos_[b] >= max_context_)
+      throw std::invalid_argument("tokmix::MixCache::step: sequence " + std::to_string(b) + " is at position " + std::to_string(pos_[b]) +
+                                  "; the cache was made for max_context = " + std::to_string(max_context_));
+}
+
+void MixCache::cuda_step_done() {
+  for (auto& p : pos_) ++p;
+#ifdef TOKMIX_WITH_CUDA
+  DecodeDev& dd = decode_dev(kA_, batch_, capB_, lattice_);
+  dd.par = 1 - dd.par;
+  dd.pos_seen = pos_;
+  dd.slots_seen = slot_pos_;
+#endif
 }
 
 int64_t MixCache::lattice_advance(int64_t b, int64_t i) {
@@ -867,7 +878,6 @@ void MixCache::cuda_sync_state(const std::vector<int64_t>& pos_before, const std
 #ifdef TOKMIX_WITH_CUDA
   DecodeDev& dd = decode_dev(kA_, batch_, capB_, lattice_);
   auto stream = at::cuda::getCurrentCUDAStream(kA_.device().index());
-  int64_t* dbuf = dd.buf.data_ptr<int64_t>();
   // the table may be used on several streams (a GraphDecoder's, the caller's): the allocator
   // must not reuse it before all of them are done
   if (std::find(dd.streams.begin(), dd.streams.end(), stream.stream()) == dd.streams.end()) {
@@ -889,7 +899,6 @@ void MixCache::cuda_sync_state(const std::vector<int64_t>& pos_before, const std
     dd.buf.slice(0, 0, batch_).copy_(up.slice(0, 0, batch_), /*non_blocking=*/true);
     if (lattice_) dd.buf.slice(0, 2 * batch_, 2 * batch_ + batch_ * capB_).copy_(up.slice(0, batch_), /*non_blocking=*/true);
     std::fill(dd.flags_host, dd.flags_host + batch_, 0ull);
-    (void)dbuf;
     return;
   }
   for (int64_t b = 0; b < batch_; ++b) {
@@ -967,10 +976,7 @@ void MixCache::replayed_step() {
   if (dd.pos_seen != pos_ || dd.slots_seen != slot_pos_)
     throw std::logic_error("tokmix::MixCache::replayed_step: the host state changed since the captured step (reset, skip_to or prefill); "
                            "capture again");
-  for (int64_t b = 0; b < batch_; ++b)
-    if (pos_[b] >= max_context_)
-      throw std::invalid_argument("tokmix::MixCache::replayed_step: sequence " + std::to_string(b) + " is at position " +
-                                  std::to_string(pos_[b]) + "; the cache was made for max_context = " + std::to_string(max_context_));
+  check_room();
   const std::vector<int64_t> pos_before = pos_, slots_before = slot_pos_;
   cuda_sync_state(pos_before, slots_before, /*capturing=*/true);  // flags only: the state is in step
   if (lattice_) {
@@ -981,10 +987,7 @@ void MixCache::replayed_step() {
       throw;
     }
   }
-  for (auto& p : pos_) ++p;
-  dd.par = 1 - dd.par;
-  dd.pos_seen = pos_;
-  dd.slots_seen = slot_pos_;
+  cuda_step_done();
 #else
   throw std::logic_error("tokmix::MixCache::replayed_step: this build has no CUDA backend");
 #endif

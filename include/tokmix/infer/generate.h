@@ -44,7 +44,8 @@ GenerateResult generate(nn::LanguageModelImpl& model, const std::vector<std::vec
 
 // Decode speed of `model` (in eval mode, on its device) at a context: `batch` prompts of
 // `context` tokens prefilled, then `steps` greedy steps timed after two warm-up steps. On CUDA
-// the same tokens go through a GraphDecoder too, whose logits are compared with the eager ones.
+// the same tokens go through a GraphDecoder too, whose logits must equal the eager ones (else it
+// throws).
 struct DecodeSpeed {
   double tokens_per_s = 0;         // eager steps (one launch per kernel), all sequences
   double graph_tokens_per_s = 0;   // CUDA graph replays (0: not measured)

@@ -54,6 +54,9 @@ class LanguageModelImpl : public torch::nn::Module {
   torch::Tensor prefill(DecodeState& s, const std::vector<std::vector<int64_t>>& prompts, bool all_logits = false);
   // One token per sequence: tokens [N] int64 -> logits [N, vocab].
   torch::Tensor step(DecodeState& s, const torch::Tensor& tokens);
+  // What step() checks first: tokens [N] int64 in the vocabulary, room in every sequence
+  // (reads the tokens: pass a CPU copy to keep a device out of it).
+  void check_step(const DecodeState& s, const torch::Tensor& tokens) const;
   // The device part of step(): tokens and positions [N] int64 already on the model's device,
   // nothing checked that would read the device, s.positions not advanced (the mixer caches
   // are). What a CUDA graph captures (infer::GraphDecoder); use step() otherwise.
