@@ -457,8 +457,7 @@ int main(int argc, char** argv) {
   const bool check = !(argc > 1 && std::string(argv[1]) == "--bench-only");
   const auto t_start = std::chrono::steady_clock::now();
   // default selection, then each chain forced: the (4, 1) layout and the 512-thread chain
-  // (4: the chunked chains for offsets, v8's default; 5: the 512-thread chunked chain)
-  const std::pair<const char*, const char*> passes[] = {{"", ""}, {"TOKMIX_CUDA_VARIANT", "4"}, {"TOKMIX_CUDA_VARIANT", "5"}};
+  const std::pair<const char*, const char*> passes[] = {{"", ""}, {"TOKMIX_CHAIN_G", "4"}, {"TOKMIX_CUDA_VARIANT", "1"}};
   for (const auto& pass : passes) {
     if (!check) break;
     if (*pass.first) {
@@ -491,7 +490,7 @@ int main(int argc, char** argv) {
     const char* env_g;
     const char* label;
   };
-  const V variants[] = {{"0", "", "auto"}, {"4", "", "chunked chain (v8)"}};
+  const V variants[] = {{"0", "", "auto"}, {"1", "", "512-thread chain"}};
   const int64_t shapes[][4] = {{4, 4096, 16, 64}, {2, 16384, 16, 128}, {1, 65536, 16, 64}};
   for (const auto& sh : shapes)
     for (const char* spec : {"pow2", "sq1-lattice"})

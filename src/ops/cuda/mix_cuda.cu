@@ -284,7 +284,6 @@ struct KArgs {
   int32_t mode;  // Mode
   float scale, gamma;
   int32_t nbl, kin;  // B levels; levels that can land inside a chunk (prefix)
-  int32_t kseq;      // row-sequential chain: near levels (f < kSeqNear, a prefix); -1: chunked chains
   int64_t cap;       // generic: entries per row, at most
   // Lanes per row in the lane-group paths (Dk / 8, Dv / 8; 0 when the widths, strides or
   // pointers do not allow 16-byte pieces) and whether rows allow 4-wide pieces (Dv % 4 == 0).
@@ -566,7 +565,6 @@ __global__ void __launch_bounds__(kRowWarps * 32)
     __syncwarp();
   }
   __syncthreads();
-  if (a.kseq >= 0) return;  // the row-sequential chain needs no M
   // In-chunk taps (levels < kin) staged in shared memory by all threads, so that the column
   // sweeps below wait on shared memory, not on dependent global loads.
   int32_t* tsrc = reinterpret_cast<int32_t*>(Ms + kC * (kC + 1));
@@ -945,142 +943,6 @@ __global__ void __launch_bounds__(kC * kG * kS, 2)
     acc = parts_sum<kS>(acc);
     if (row && part == 0) *reinterpret_cast<float4*>(gbase + i * a.sy.st) = acc;
     if (part == 0) *reinterpret_cast<float4*>(&Gp[c & 1][t][4 * g]) = acc;
-    __syncthreads();
-  }
-}
-
-// Row-sequential chain for offsets (v11), forward and backward in one template. The chunked
-// chains multiply by M_c = (I - B_cc)^{-1} every 64 rows, and each such step costs ~3.7 us of
-// barriers and dependent instructions; here one warp (the solver) walks the rows one by one
-// with one channel per lane, and the dependence between consecutive rows is a single FMA on a
-// register. A row's taps are split by distance: those under kSeqNear rows read the solver's own
-// ring of recent outputs in shared memory; the farther ones, and alpha x (forward) or dy
-// (backward), are summed one phase of kSeqR rows ahead by the producer warps (one row each, all
-// of its loads in one round trip), whose sources are then final, into U; they also stage the
-// near coefficients. No M is needed.
-//   forward:  y_i = alpha_i v_i + sum_k P[i][k] y_{i - f(k)}          (rows ascending)
-//   backward: g_i = dy_i + sum_k P[i + f(k)][k] g_{i + f(k)}          (rows descending)
-constexpr int kSeqR = 31;              // rows per phase = producer warps
-constexpr int kSeqNear = 2 * kSeqR;    // taps closer than this are the solver's
-constexpr int kSeqRing = 64;           // ring rows (a power of two > kSeqNear)
-constexpr int kSeqKN = 8;              // near levels at most
-constexpr int kSeqThreads = 32 * (1 + kSeqR);
-
-template <class T, bool kFwd>
-__global__ void __launch_bounds__(kSeqThreads)
-    chain_seq(KArgs a, const SeqInfo* seqs, const T* x, const float* P, float* out, T* y) {
-  __shared__ float ring[2 * kSeqRing][32];  // each output twice (slot and slot + kSeqRing): no wrap on reads
-  __shared__ float U[2][kSeqR][32];
-  __shared__ __align__(16) float Cn[2][kSeqR][kSeqKN];
-  __shared__ int32_t fs[kMaxFastLevels];
-  const SeqInfo sq = seqs[blockIdx.x];
-  const int64_t h = blockIdx.y;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t d = static_cast<int64_t>(blockIdx.z) * 32 + lane;
-  const bool dok = d < a.Dv;
-  const int S = 1 + a.nbl, kn = a.kseq, nbl = a.nbl;
-  const int64_t n = sq.n, nph = (n + kSeqR - 1) / kSeqR;
-  const Strides& sx = kFwd ? a.sv : a.sy;
-  float* obase = out + eoff(a.sy, sq, 0, h) + (dok ? d : 0);
-  const int64_t ost = a.sy.st;
-  const bool copy = kFwd && static_cast<const void*>(y) != static_cast<const void*>(out);
-  for (int idx = threadIdx.x; idx < 2 * kSeqRing * 32; idx += kSeqThreads) (&ring[0][0])[idx] = 0.f;
-  for (int idx = threadIdx.x; idx < nbl; idx += kSeqThreads) fs[idx] = static_cast<int32_t>(a.pat.B.f[idx]);
-  __syncthreads();
-
-  // Producer warp w (1..kSeqR) fills row w - 1 of phase ph: the coefficients come one level per
-  // lane (passed around by shuffles), the far outputs one row per level, all loads issued
-  // before the first FMA.
-  auto produce = [&](int64_t ph, int buf) {
-    const int t = warp - 1;
-    const int64_t i = ph * kSeqR + t;
-    float u = 0.f, cn = 0.f;
-    if (i < n) {
-      const int64_t R = rid(a, sq, h, i);
-      float xv = 0.f, alpha = 0.f;
-      if (dok) xv = to_f(x[eoff(sx, sq, i, h) + d]);
-      if (kFwd) alpha = P[R * S];
-      for (int k0 = 0; k0 < nbl; k0 += 32) {
-        if (kFwd ? fs[k0] > i : i + fs[k0] >= n) break;
-        float cv = 0.f;  // lane j: coefficient of level k0 + j
-        {
-          const int kk = k0 + lane;
-          const int64_t src = kk < nbl ? (kFwd ? i - fs[kk] : i + fs[kk]) : -1;
-          if (kk < nbl && (kFwd ? src >= 0 : src < n)) cv = P[(kFwd ? R : rid(a, sq, h, src)) * S + 1 + kk];
-        }
-        if (k0 == 0) cn = lane < kn ? cv : 0.f;
-        for (int kb = k0 < kn ? kn : k0; kb < k0 + 32 && kb < nbl; kb += 16) {
-          float yv[16];
-#pragma unroll
-          for (int b = 0; b < 16; ++b) {
-            const int kk = kb + b;
-            yv[b] = 0.f;
-            if (kk < nbl && kk < k0 + 32) {
-              const int64_t src = kFwd ? i - fs[kk] : i + fs[kk];
-              if (dok && (kFwd ? src >= 0 : src < n)) yv[b] = obase[src * ost];
-            }
-          }
-#pragma unroll
-          for (int b = 0; b < 16; ++b) {
-            const float c = __shfl_sync(0xffffffffu, cv, (kb + b - k0) & 31);
-            if (kb + b < k0 + 32) u = fmaf(c, yv[b], u);
-          }
-        }
-      }
-      if (dok && a.bad && !isfinite(xv)) atomicOr(a.bad, kFwd ? 4 : 8);
-      u = kFwd ? fmaf(alpha, xv, u) : u + xv;
-    }
-    U[buf][t][lane] = u;
-    if (lane < kSeqKN) Cn[buf][t][lane] = cn;
-  };
-
-  // Solver state: ring offsets of the near levels (forward: slot + kSeqRing - f, backward:
-  // slot + f), and whether level 0 is the previous row, which stays in a register.
-  int off[kSeqKN];
-#pragma unroll
-  for (int k = 0; k < kSeqKN; ++k) off[k] = k < kn ? (kFwd ? kSeqRing - fs[k] : fs[k]) : 0;
-  const bool d1 = kn > 0 && fs[0] == 1;
-  float prev = 0.f, rv[kSeqKN];
-  auto load_ring = [&](int64_t i) {
-    const int slot = static_cast<int>(i & (kSeqRing - 1));
-#pragma unroll
-    for (int k = 0; k < kSeqKN; ++k) rv[k] = k < kn && !(k == 0 && d1) ? ring[slot + off[k]][lane] : 0.f;
-  };
-
-  if (warp > 0 && nph > 0) produce(kFwd ? 0 : nph - 1, 0);
-  __syncthreads();
-  for (int64_t s = 0; s < nph; ++s) {
-    const int64_t ph = kFwd ? s : nph - 1 - s;
-    const int buf = static_cast<int>(s & 1);
-    if (warp == 0) {
-      load_ring(kFwd ? ph * kSeqR : lmin(ph * kSeqR + kSeqR, n) - 1);
-#pragma unroll 4
-      for (int tt = 0; tt < kSeqR; ++tt) {
-        const int t = kFwd ? tt : kSeqR - 1 - tt;
-        const int64_t i = ph * kSeqR + t;
-        if (i >= n) continue;  // forward: past the end; backward: the top phase's missing rows
-        const float4 c0 = *reinterpret_cast<const float4*>(&Cn[buf][t][0]);
-        const float4 c1 = *reinterpret_cast<const float4*>(&Cn[buf][t][4]);
-        const float c[8] = {c0.x, c0.y, c0.z, c0.w, c1.x, c1.y, c1.z, c1.w};
-        float part = U[buf][t][lane];
-#pragma unroll
-        for (int k = 0; k < kSeqKN; ++k) part = fmaf(c[k], rv[k], part);
-        // next row's ring reads (distance >= 2: already written) go out before this row's
-        // store, so that the FMA on `prev` is all that waits for the previous row
-        if (kFwd ? i + 1 < n : i > 0) load_ring(kFwd ? i + 1 : i - 1);
-        const float yv = d1 ? fmaf(c[0], prev, part) : part;
-        const int slot = static_cast<int>(i & (kSeqRing - 1));
-        ring[slot][lane] = yv;
-        ring[slot + kSeqRing][lane] = yv;
-        prev = yv;
-        if (dok) {
-          obase[i * ost] = yv;
-          if (copy) y[eoff(a.sy, sq, i, h) + d] = from_f<T>(yv);
-        }
-      }
-    } else if (s + 1 < nph) {
-      produce(kFwd ? ph + 1 : ph - 1, buf ^ 1);
-    }
     __syncthreads();
   }
 }
@@ -1868,10 +1730,7 @@ struct Plan {
   std::vector<int32_t> chunk_seq;
   int64_t nseq = 0, total_chunks = 0, cap = 0;
   int32_t kin = 0;
-  int32_t kseq = -1;  // row-sequential chain (offsets): near levels; -1: chunked chains
 };
-
-int variant_bits();
 
 Plan make_plan(const CudaMix& m) {
   Plan p;
@@ -1904,11 +1763,6 @@ Plan make_plan(const CudaMix& m) {
     for (int32_t k = 0; k < m.nbl; ++k) {
       const int64_t reach = hp.B.kind == SupportKind::Lattice ? hp.B.f[k] - hp.B.a[k] : hp.B.f[k] - 1;
       if (reach < kC) p.kin = k + 1;
-    }
-    if (hp.B.kind == SupportKind::Offsets && !(variant_bits() & 4)) {
-      int32_t near = 0;
-      while (near < m.nbl && hp.B.f[near] < kSeqNear) ++near;
-      if (near <= kSeqKN) p.kseq = near;
     }
   }
   return p;
@@ -1952,7 +1806,7 @@ void carve_tables(const CudaMix& m, const Plan& p, void* saved, Buffers& b, int6
     const int64_t rows = pb.batch * pb.H * pb.T;
     b.P = bp.take<float>(rows * (1 + m.nbl));
     b.SRC = bp.take<int32_t>(rows * std::max<int32_t>(1, m.nbl));
-    b.M = bp.take<float>(p.kseq >= 0 ? 0 : p.total_chunks * pb.H * kC * kC);
+    b.M = bp.take<float>(p.total_chunks * pb.H * kC * kC);
   }
   *bytes = p.fast ? bp.off + 256 : 0;
 }
@@ -2009,7 +1863,6 @@ KArgs kargs(const CudaMix& m, const Plan& p) {
   a.gamma = static_cast<float>(m.pb.gamma);
   a.nbl = m.nbl;
   a.kin = p.kin;
-  a.kseq = p.kseq;
   a.cap = p.cap;
   a.lpk = a.lpv = 0;
   a.bad = nullptr;
@@ -2017,8 +1870,7 @@ KArgs kargs(const CudaMix& m, const Plan& p) {
 }
 
 // TOKMIX_CUDA_VARIANT (measurements only): bit 0 selects the previous chains, bit 1 turns the
-// lane-group paths off, bit 2 the row-sequential chain (offsets then take the chunked chains),
-// so that one run can time versions side by side.
+// lane-group paths off, so that one run can time versions side by side.
 int variant_bits() {
   const char* e = std::getenv("TOKMIX_CUDA_VARIANT");
   return e ? std::atoi(e) : 0;
@@ -2126,12 +1978,6 @@ int32_t forward_t(const CudaMix& m, const T* q, const T* k, const T* v, const T*
     TOKMIX_LAUNCHED("coef_kernel");
     // levels past kPF are read inside the step: long lattices (sq1-lattice: ~256 levels) run
     // faster on the 512-thread chain (measured, see docs/perf-notes.md)
-    if (p.kseq >= 0) {
-      const dim3 grid(p.nseq, m.pb.H, (m.pb.Dv + 31) / 32);
-      chain_seq<T, true><<<grid, kSeqThreads, 0, st>>>(a, b.seqs, v, b.P, yf, y);
-      TOKMIX_LAUNCHED("chain_seq forward");
-      return read_flags(b.bad, st);
-    }
     const int g = chain4_ok(m, sizeof(T), {v, y}) && (m.nbl <= kPF || std::getenv("TOKMIX_CHAIN_G"))
                       ? chain4_groups(m, p, chain_forward4<T, 1, 4>, chain_forward4<T, 2, 2>, chain_forward4<T, 4, 1>)
                       : 0;
@@ -2183,7 +2029,7 @@ int32_t backward_t(const CudaMix& m, const T* q, const T* k, const T* v, const T
     const dim3 rows_grid(p.total_chunks, m.pb.H);
     // P, SRC and M come from the forward (`saved`)
     const int64_t ny = m.pb.batch * m.pb.T * m.pb.H * m.pb.Dv;
-    const int g = p.kseq < 0 && !lattice && chain4_ok(m, sizeof(T), {dy})
+    const int g = !lattice && chain4_ok(m, sizeof(T), {dy})
                       ? chain4_groups(m, p, chain_backward4<T, 1, 4>, chain_backward4<T, 2, 2>, chain_backward4<T, 4, 1>)
                       : 0;
     if (g > 0) {
@@ -2192,10 +2038,6 @@ int32_t backward_t(const CudaMix& m, const T* q, const T* k, const T* v, const T
       else if (g == 2) chain_backward4<T, 2, 2><<<grid, kChain4Threads, 0, st>>>(a, b.seqs, dy, b.P, b.M, b.G);
       else chain_backward4<T, 4, 1><<<grid, kChain4Threads, 0, st>>>(a, b.seqs, dy, b.P, b.M, b.G);
       TOKMIX_LAUNCHED("chain_backward4");
-    } else if (p.kseq >= 0) {
-      const dim3 grid(p.nseq, m.pb.H, (m.pb.Dv + 31) / 32);
-      chain_seq<T, false><<<grid, kSeqThreads, 0, st>>>(a, b.seqs, dy, b.P, b.G, static_cast<T*>(nullptr));
-      TOKMIX_LAUNCHED("chain_seq backward");
     } else {
       if (lattice) TOKMIX_CU(cudaMemsetAsync(b.G, 0, sizeof(float) * ny, st));
       const int64_t per = lattice ? chain_vec(m, p, chain_backward<T, true, 1>) : chain_vec(m, p, chain_backward<T, false, 1>);
