@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 NVCC=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
 mkdir -p build-kc
 if [ ! -x build-kc/kernel_check ] || [ "${1:-}" = "--build-only" ]; then
-  "$NVCC" -std=c++17 -O3 -arch=sm_90 --expt-relaxed-constexpr -Iinclude -Xcompiler -fopenmp \
+  "$NVCC" -std=c++17 -O3 -arch=sm_90 -lineinfo --expt-relaxed-constexpr -Iinclude -Xcompiler -fopenmp \
     bench/kernel_check.cu src/ops/cuda/mix_cuda.cu src/ops/cpu/mix_cpu.cpp src/core/pattern.cpp \
     -o build-kc/kernel_check -Xcompiler -static-libstdc++ -Xcompiler -static-libgcc -lgomp
 fi

@@ -476,7 +476,6 @@ __global__ void __launch_bounds__(kRowWarps * 32)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   float* qs = sm + warp * a.Dk;
   float* ss = sm + kRowWarps * a.Dk + warp * S;
-  float* Ms = sm + kRowWarps * (a.Dk + S);
   const int64_t cg = blockIdx.x, h = blockIdx.y;
   const SeqInfo sq = seqs[chunk_seq[cg]];
   const int64_t c0 = (cg - sq.cbase) * kC;
@@ -564,46 +563,63 @@ __global__ void __launch_bounds__(kRowWarps * 32)
     for (int e = lane; e < S; e += 32) P[R * S + e] = ss[e] != -INFINITY ? __expf(ss[e] - l) * (e > 0 ? a.gamma : 1.f) : 0.f;
     __syncwarp();
   }
-  __syncthreads();
-  // In-chunk taps (levels < kin) staged in shared memory by all threads, so that the column
-  // sweeps below wait on shared memory, not on dependent global loads.
+}
+
+// M_c = (I - B_cc)^{-1} of every chunk, from the P and SRC tables (v12: its own kernel; inside
+// coef_kernel, 6 of 8 warps waited for the 2 that swept the columns, and held the block).
+// kInvChunks chunks per block, 64 threads each: column j of M depends only on column j, so one
+// thread per column and no barrier in the sweep. The chunk's in-chunk taps (levels < kin) are
+// staged in shared memory first, so that the sweep waits on shared memory only.
+constexpr int kInvChunks = 2;
+__global__ void __launch_bounds__(kInvChunks * kC)
+    chunk_inverse(KArgs a, const SeqInfo* seqs, const int32_t* chunk_seq, int64_t total_chunks, const float* P,
+                  const int32_t* SRC, float* M) {
+  extern __shared__ float sm[];
+  const int part = threadIdx.x / kC, j = threadIdx.x % kC;
+  const int64_t cg = static_cast<int64_t>(blockIdx.x) * kInvChunks + part, h = blockIdx.y;
+  const bool live = cg < total_chunks;
+  float* Ms = sm + part * (kC * (kC + 1) + 2 * kC * a.kin);
   int32_t* tsrc = reinterpret_cast<int32_t*>(Ms + kC * (kC + 1));
   float* tp = reinterpret_cast<float*>(tsrc + kC * a.kin);
-  for (int idx = threadIdx.x; idx < kC * a.kin; idx += blockDim.x) {
-    const int t = idx / a.kin, kk = idx % a.kin;
-    int32_t sl = -1;
-    float pv = 0.f;
-    if (t < nvalid) {
-      const int64_t R = rid(a, sq, h, c0 + t);
-      const int64_t src = SRC[R * a.nbl + kk];
-      if (src >= c0) {
-        sl = static_cast<int32_t>(src - c0);
-        pv = P[R * S + 1 + kk];
+  const int S = 1 + a.nbl;
+  if (live) {
+    const SeqInfo sq = seqs[chunk_seq[cg]];
+    const int64_t c0 = (cg - sq.cbase) * kC;
+    const int nvalid = static_cast<int>(lmin(kC, sq.n - c0));
+    for (int idx = j; idx < kC * a.kin; idx += kC) {
+      const int t = idx / a.kin, kk = idx % a.kin;
+      int32_t sl = -1;
+      float pv = 0.f;
+      if (t < nvalid) {
+        const int64_t R = rid(a, sq, h, c0 + t);
+        const int64_t src = SRC[R * a.nbl + kk];
+        if (src >= c0) {
+          sl = static_cast<int32_t>(src - c0);
+          pv = P[R * S + 1 + kk];
+        }
       }
+      tsrc[idx] = sl;
+      tp[idx] = pv;
     }
-    tsrc[idx] = sl;
-    tp[idx] = pv;
   }
   __syncthreads();
-  // Column j of M = (I - B_cc)^{-1} depends only on column j: one thread per column, no barrier.
-  if (threadIdx.x < kC) {
-    const int j = threadIdx.x;
+  if (live) {
     if (a.kin <= 8) {
       // unrolled so that a row's loads go out together (pow2 has 6 in-chunk levels)
       for (int t = 0; t < kC; ++t) {
         float mval = t == j ? 1.f : 0.f;
         if (t > j) {
-          float part[8];
+          float part_[8];
 #pragma unroll
           for (int kk = 0; kk < 8; ++kk) {
-            part[kk] = 0.f;
+            part_[kk] = 0.f;
             if (kk < a.kin) {
               const int sl = tsrc[t * a.kin + kk];
-              if (sl >= j && sl < t) part[kk] = tp[t * a.kin + kk] * Ms[sl * (kC + 1) + j];
+              if (sl >= j && sl < t) part_[kk] = tp[t * a.kin + kk] * Ms[sl * (kC + 1) + j];
             }
           }
 #pragma unroll
-          for (int kk = 0; kk < 8; ++kk) mval += part[kk];
+          for (int kk = 0; kk < 8; ++kk) mval += part_[kk];
         }
         Ms[t * (kC + 1) + j] = mval;
       }
@@ -620,10 +636,9 @@ __global__ void __launch_bounds__(kRowWarps * 32)
     }
   }
   __syncthreads();
-  float* Mg = M + (cg * a.H + h) * kC * kC;
-  for (int idx = threadIdx.x; idx < kC * kC; idx += blockDim.x) {
-    const int r = idx / kC, c = idx % kC;
-    Mg[idx] = Ms[r * (kC + 1) + c];
+  if (live) {
+    float* Mg = M + (cg * a.H + h) * kC * kC;
+    for (int idx = j; idx < kC * kC; idx += kC) Mg[idx] = Ms[(idx / kC) * (kC + 1) + idx % kC];
   }
 }
 
@@ -771,41 +786,55 @@ __global__ void __launch_bounds__(kC * kG * kS, 2)
   const float* ybase = yf + eoff(a.sy, sq, 0, h) + d;
   const bool copy = static_cast<const void*>(yf) != static_cast<const void*>(y);
   const float* Mh = M + (sq.cbase * a.H + h) * kC * kC;  // chunk c at Mh + c * H * kC * kC
+  // The fetched levels' distances and the row-0 bases of what a step reads, so that a step's
+  // index math is 32-bit adds and one wide multiply per load (v12; a sequence's rows, a row's
+  // stride and f below 2^31). fl[b]: f(b) (offsets), 0 (lattice), -1: no such level.
+  __shared__ int32_t fl[kPF];
+  if (threadIdx.x < kPF)
+    fl[threadIdx.x] = threadIdx.x < a.nbl ? (offsets ? static_cast<int32_t>(lmin(a.pat.B.f[threadIdx.x], INT32_MAX)) : 0) : -1;
+  __syncthreads();
+  const int64_t R0 = rid(a, sq, h, 0);
+  const float* P0 = P + R0 * S + 1 + part;  // row i, level b_j: P0[i S + j kS]; alpha: P0[i S - 1 - part]
+  const int32_t* S0 = SRC + R0 * a.nbl + part;
+  const T* v0 = v + eoff(a.sv, sq, 0, h) + d;
+  const int32_t yst = static_cast<int32_t>(a.sy.st), vst = static_cast<int32_t>(a.sv.st), n32 = static_cast<int32_t>(sq.n);
   // prefetched for the next chunk: this thread's levels part, part + kS, ...
   float4 xv = make_float4(0.f, 0.f, 0.f, 0.f), yv[kPS];
   float alpha = 0.f, pv[kPS];
   int32_t sv[kPS];  // source row, -1: none or inside the chunk
   auto prefetch = [&](int64_t c) {
-    const int64_t c0 = c * kC, i = c0 + t;
+    const int32_t c0 = static_cast<int32_t>(c) * kC, i = c0 + t;
     alpha = 0.f;
 #pragma unroll
     for (int j = 0; j < kPS; ++j) sv[j] = -1;
-    if (i < sq.n && dok) {
-      const int64_t R = rid(a, sq, h, i);
+    if (i < n32 && dok) {
+      const float* Pi = P0 + static_cast<int64_t>(i) * S;
       if (part == 0) {
-        xv = load4(v + eoff(a.sv, sq, i, h) + d);
-        alpha = P[R * S];
+        xv = load4(v0 + static_cast<int64_t>(i) * vst);
+        alpha = Pi[-1];
       }
+      const int32_t* Si = offsets ? nullptr : S0 + static_cast<int64_t>(i) * a.nbl;
 #pragma unroll
       for (int j = 0; j < kPS; ++j) {
-        const int b = part + j * kS;
-        int64_t sidx = -1;
-        if (b < a.nbl) sidx = offsets ? (a.pat.B.f[b] <= i ? i - a.pat.B.f[b] : -1) : SRC[R * a.nbl + b];
-        sv[j] = sidx < c0 ? static_cast<int32_t>(sidx) : -1;  // taps inside the chunk are in M
-        pv[j] = sv[j] >= 0 ? P[R * S + 1 + b] : 0.f;
+        int32_t sidx = -1;
+        const int32_t fb = fl[part + j * kS];
+        if (fb >= 0) sidx = offsets ? i - fb : Si[j * kS];
+        sv[j] = sidx < c0 ? sidx : -1;  // taps inside the chunk are in M
+        pv[j] = sv[j] >= 0 ? Pi[j * kS] : 0.f;
       }
 #pragma unroll
       for (int j = 0; j < kPS; ++j)
-        if (sv[j] >= 0 && sv[j] < c0 - kC) yv[j] = *reinterpret_cast<const float4*>(ybase + sv[j] * a.sy.st);
+        if (sv[j] >= 0 && sv[j] < c0 - kC) yv[j] = *reinterpret_cast<const float4*>(ybase + static_cast<int64_t>(sv[j]) * yst);
     }
   };
   if (nch > 0) {
     copy_tile_async(Ms[0], Mh, threadIdx.x, kN);
     prefetch(0);
   }
+  const int64_t o0 = eoff(a.sy, sq, 0, h) + d;
   for (int64_t c = 0; c < nch; ++c) {
-    const int64_t c0 = c * kC, i = c0 + t;
-    const bool row = i < sq.n && dok;
+    const int32_t c0 = static_cast<int32_t>(c) * kC, i = c0 + t;
+    const bool row = i < n32 && dok;
     float4 w = make_float4(0.f, 0.f, 0.f, 0.f);
     if (row) {
       if (part == 0) {
@@ -847,7 +876,7 @@ __global__ void __launch_bounds__(kC * kG * kS, 2)
     }
     acc = parts_sum<kS>(acc);
     if (row && part == 0) {
-      const int64_t o = eoff(a.sy, sq, i, h) + d;
+      const int64_t o = o0 + static_cast<int64_t>(i) * yst;
       if (copy) *reinterpret_cast<float4*>(yf + o) = acc;
       store4(y + o, acc);
     }
@@ -876,25 +905,33 @@ __global__ void __launch_bounds__(kC * kG * kS, 2)
   float* gbase = G + eoff(a.sy, sq, 0, h) + d;
   const int64_t* f = a.pat.B.f;
   const float* Mh = M + (sq.cbase * a.H + h) * kC * kC;
+  // as in chain_forward4 (v12): the fetched levels' distances and the row-0 bases
+  __shared__ int32_t fl[kPF];
+  if (threadIdx.x < kPF) fl[threadIdx.x] = threadIdx.x < a.nbl ? static_cast<int32_t>(lmin(f[threadIdx.x], INT32_MAX)) : -1;
+  __syncthreads();
+  const float* P0 = P + rid(a, sq, h, 0) * S + 1 + part;  // reader m, level b_j: P0[m S + j kS]
+  const T* dy0 = dy + eoff(a.sy, sq, 0, h) + d;
+  const int32_t yst = static_cast<int32_t>(a.sy.st), n32 = static_cast<int32_t>(sq.n);
   float4 xv = make_float4(0.f, 0.f, 0.f, 0.f), gv[kPS];
   float pv[kPS];
   int32_t mv[kPS];  // reader row, -1: none or inside the chunk
   auto prefetch = [&](int64_t c) {
-    const int64_t c0 = c * kC, i = c0 + t, cend = c0 + kC;
+    const int32_t c0 = static_cast<int32_t>(c) * kC, i = c0 + t, cend = c0 + kC;
 #pragma unroll
     for (int j = 0; j < kPS; ++j) mv[j] = -1;
-    if (i < sq.n && dok) {
-      if (part == 0) xv = load4(dy + eoff(a.sy, sq, i, h) + d);
+    if (i < n32 && dok) {
+      if (part == 0) xv = load4(dy0 + static_cast<int64_t>(i) * yst);
+      const float* Pi = P0 + static_cast<int64_t>(i) * S;
 #pragma unroll
       for (int j = 0; j < kPS; ++j) {
-        const int b = part + j * kS;
-        const int64_t mrow = b < a.nbl ? i + f[b] : sq.n;
-        mv[j] = mrow < sq.n && mrow >= cend ? static_cast<int32_t>(mrow) : -1;
-        pv[j] = mv[j] >= 0 ? P[rid(a, sq, h, mrow) * S + 1 + b] : 0.f;
+        const int32_t fb = fl[part + j * kS];
+        const int32_t mrow = fb >= 0 && fb < n32 - i ? i + fb : -1;
+        mv[j] = mrow >= cend ? mrow : -1;
+        pv[j] = mv[j] >= 0 ? Pi[fb * S + j * kS] : 0.f;
       }
 #pragma unroll
       for (int j = 0; j < kPS; ++j)
-        if (mv[j] >= cend + kC) gv[j] = *reinterpret_cast<const float4*>(gbase + mv[j] * a.sy.st);
+        if (mv[j] >= cend + kC) gv[j] = *reinterpret_cast<const float4*>(gbase + static_cast<int64_t>(mv[j]) * yst);
     }
   };
   if (nch > 0) {
@@ -902,8 +939,8 @@ __global__ void __launch_bounds__(kC * kG * kS, 2)
     prefetch(nch - 1);
   }
   for (int64_t c = nch - 1; c >= 0; --c) {
-    const int64_t c0 = c * kC, i = c0 + t, cend = c0 + kC;
-    const bool row = i < sq.n && dok;
+    const int32_t c0 = static_cast<int32_t>(c) * kC, i = c0 + t, cend = c0 + kC;
+    const bool row = i < n32 && dok;
     const int nvalid = static_cast<int>(lmin(kC, sq.n - c0));
     float4 w = make_float4(0.f, 0.f, 0.f, 0.f);
     if (row) {
@@ -941,7 +978,7 @@ __global__ void __launch_bounds__(kC * kG * kS, 2)
       for (int s2 = t + part; s2 < nvalid; s2 += kS) fma4(acc, Mc[s2][t], *reinterpret_cast<const float4*>(&W[s2][4 * g]));  // (M_c^T)[t][s2]
     }
     acc = parts_sum<kS>(acc);
-    if (row && part == 0) *reinterpret_cast<float4*>(gbase + i * a.sy.st) = acc;
+    if (row && part == 0) *reinterpret_cast<float4*>(gbase + static_cast<int64_t>(i) * yst) = acc;
     if (part == 0) *reinterpret_cast<float4*>(&Gp[c & 1][t][4 * g]) = acc;
     __syncthreads();
   }
@@ -1971,11 +2008,16 @@ int32_t forward_t(const CudaMix& m, const T* q, const T* k, const T* v, const T*
     a.lpk = lanes_per_row(m.pb.Dk, sizeof(T), {{q, m.pb.sq}, {softmax ? k : q, m.pb.sk}, {gw, Strides{0, 0, 0}}});
     a.bad = b.bad;
     TOKMIX_CU(cudaMemsetAsync(b.bad, 0, sizeof(int32_t), st));
-    const size_t sm1 = sizeof(float) * (kRowWarps * (m.pb.Dk + 1 + m.nbl) + kC * (kC + 1) + 2 * kC * p.kin);
+    const size_t sm1 = sizeof(float) * (kRowWarps * (m.pb.Dk + 1 + m.nbl));
     allow_smem(coef_kernel<T>, sm1);
     coef_kernel<T><<<dim3(p.total_chunks, m.pb.H), kRowWarps * 32, sm1, st>>>(a, b.seqs, b.chunk_seq, q, k, bias, gw, lse,
                                                                                    b.P, b.SRC, b.M);
     TOKMIX_LAUNCHED("coef_kernel");
+    const size_t smi = sizeof(float) * kInvChunks * (kC * (kC + 1) + 2 * kC * p.kin);
+    allow_smem(chunk_inverse, smi);
+    chunk_inverse<<<dim3((p.total_chunks + kInvChunks - 1) / kInvChunks, m.pb.H), kInvChunks * kC, smi, st>>>(
+        a, b.seqs, b.chunk_seq, p.total_chunks, b.P, b.SRC, b.M);
+    TOKMIX_LAUNCHED("chunk_inverse");
     // levels past kPF are read inside the step: long lattices (sq1-lattice: ~256 levels) run
     // faster on the 512-thread chain (measured, see docs/perf-notes.md)
     const int g = chain4_ok(m, sizeof(T), {v, y}) && (m.nbl <= kPF || std::getenv("TOKMIX_CHAIN_G"))
