@@ -468,7 +468,7 @@ __global__ void __launch_bounds__(kGenThreads)
 // when absent). M[(chunk*H + h)][C][C] = (I - B_cc)^{-1} (or its transpose for backward).
 
 template <class T>
-__global__ void __launch_bounds__(kRowWarps * 32)
+__global__ void __launch_bounds__(kRowWarps * 32, 3)
     coef_kernel(KArgs a, const SeqInfo* seqs, const int32_t* chunk_seq, const T* q, const T* k, const T* bias, const T* gw,
                 float* lse, float* P, int32_t* SRC, float* M) {
   extern __shared__ float sm[];
@@ -485,7 +485,53 @@ __global__ void __launch_bounds__(kRowWarps * 32)
     const T* qi = q + eoff(a.sq, sq, i, h);
     const bool softmax = a.mode == static_cast<int32_t>(Mode::Softmax);
     float mx = -INFINITY;
-    if (a.lpk && a.pat.B.kind == SupportKind::Offsets) {
+    if (a.lpk && a.pat.B.kind == SupportKind::Offsets && S <= 32) {
+      // v12: lane e resolves entry e (source, level bias) once and writes its SRC; the lane
+      // groups get the source by shuffle and gather kGB iterations of k rows at a time
+      constexpr int kGB = 2;
+      const int lpe = a.lpk, epp = 32 / lpe, sub = lane & (lpe - 1), grp = lane / lpe;
+      const int32_t i32 = static_cast<int32_t>(i);
+      const int32_t fe = lane >= 1 && lane < S ? static_cast<int32_t>(lmin(a.pat.B.f[lane - 1], INT32_MAX)) : 0;
+      const int32_t pe = lane < S && fe <= i32 ? i32 - fe : -1;  // source of entry `lane`
+      const int32_t le = lane == 0 ? a.pat.A.level_base : a.pat.B.level_base + lane - 1;
+      const float be = bias && pe >= 0 ? to_f(bias[h * a.levels + le]) : 0.f;
+      if (lane >= 1 && lane < S) SRC[R * a.nbl + lane - 1] = pe;
+      const T* kb = softmax ? k + eoff(a.sk, sq, 0, h) + 8 * sub : nullptr;
+      const int32_t kst = static_cast<int32_t>(a.sk.st);
+      float qv[8];
+      load8(qi + 8 * sub, qv);
+      if (a.bad && grp == 0 && !finite8(qv)) atomicOr(a.bad, 1);
+      for (int e0 = 0; e0 < S; e0 += kGB * epp) {
+        float x[kGB][8];
+        int32_t ps[kGB];
+#pragma unroll
+        for (int u = 0; u < kGB; ++u) {
+          const int e = e0 + u * epp + grp;
+          ps[u] = __shfl_sync(0xffffffffu, pe, e & 31);
+          if (e >= S) ps[u] = -1;
+          if (ps[u] >= 0) {
+            const T* row = softmax ? kb + static_cast<int64_t>(ps[u]) * kst
+                                   : gw + (h * a.levels + (e == 0 ? a.pat.A.level_base : a.pat.B.level_base + e - 1)) * a.Dk + 8 * sub;
+            load8(row, x[u]);
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < kGB; ++u) {
+          const int e = e0 + u * epp + grp;
+          const float bu = __shfl_sync(0xffffffffu, be, e & 31);
+          float s = group_sum(ps[u] >= 0 ? dot8(qv, x[u]) : 0.f, lpe);
+          if (ps[u] >= 0) {
+            s = (softmax ? a.scale * s : s) + bu;
+            if (e == 0 && softmax && a.bad && !finite8(x[u])) atomicOr(a.bad, 2);
+          } else {
+            s = -INFINITY;
+          }
+          if (sub == 0 && e < S) ss[e] = s;
+        }
+      }
+      __syncwarp();
+      for (int e = lane; e < S; e += 32) mx = fmaxf(mx, ss[e]);
+    } else if (a.lpk && a.pat.B.kind == SupportKind::Offsets) {
       // lane groups: one row of k (or of the gate table) per group, 16 bytes per lane (offsets
       // only: a lattice row has many merged levels, and resolving each once per lane costs more)
       const int lpe = a.lpk, epp = 32 / lpe, sub = lane & (lpe - 1), grp = lane / lpe;
@@ -1132,6 +1178,90 @@ __global__ void __launch_bounds__(kRowWarps * 32)
   const int64_t c0 = (cg - sq.cbase) * kC;
   const int nvalid = static_cast<int>(lmin(kC, sq.n - c0));
   const bool softmax = a.mode == static_cast<int32_t>(Mode::Softmax);
+  if (softmax && a.lpk && a.lpv && S <= 32) {
+    // v12: a row's coefficients and sources are read once, one entry per lane, and passed to
+    // the lane groups by shuffles, so no gather waits on a table load; gathers go out
+    // kGB iterations at a time; 32-bit row indices (one wide multiply per address).
+    constexpr int kGB = 4;
+    const int lpv = a.lpv, eppv = 32 / lpv, subv = lane & (lpv - 1), grpv = lane / lpv;
+    const int lpk = a.lpk, eppk = 32 / lpk, subk = lane & (lpk - 1), grpk = lane / lpk;
+    const int64_t R0 = rid(a, sq, h, 0);
+    const T* v0 = v + eoff(a.sv, sq, 0, h) + 8 * subv;
+    const T* y0 = y + eoff(a.sy, sq, 0, h) + 8 * subv;
+    const T* k0 = k + eoff(a.sk, sq, 0, h) + 8 * subk;
+    const float* g0 = G + eoff(a.sy, sq, 0, h) + 8 * subv;
+    const int32_t vst = static_cast<int32_t>(a.sv.st), yst = static_cast<int32_t>(a.sy.st), kst = static_cast<int32_t>(a.sk.st);
+    for (int t = warp; t < nvalid; t += kRowWarps) {
+      const int32_t i = static_cast<int32_t>(c0) + t;
+      const int64_t R = R0 + i;
+      const float ce = lane < S ? P[R * S + lane] : 0.f;
+      const int32_t se = lane == 0 ? i : (lane < S ? SRC[R * a.nbl + lane - 1] : -1);
+      float gv[8];
+      load8(g0 + static_cast<int64_t>(i) * yst, gv);
+      float part = 0.f;
+      for (int e0 = 0; e0 < S; e0 += kGB * eppv) {
+        float x[kGB][8], cc[kGB];
+#pragma unroll
+        for (int u = 0; u < kGB; ++u) {
+          const int e = e0 + u * eppv + grpv;
+          cc[u] = __shfl_sync(0xffffffffu, ce, e & 31);
+          const int32_t src = __shfl_sync(0xffffffffu, se, e & 31);
+          if (e >= S) cc[u] = 0.f;
+          if (cc[u] != 0.f) load8(e == 0 ? v0 + static_cast<int64_t>(i) * vst : y0 + static_cast<int64_t>(src) * yst, x[u]);
+        }
+#pragma unroll
+        for (int u = 0; u < kGB; ++u) {
+          const int e = e0 + u * eppv + grpv;
+          const float cu = cc[u] * group_sum(cc[u] != 0.f ? dot8(gv, x[u]) : 0.f, lpv);
+          if (subv == 0 && e < S) {
+            es[e] = cu;
+            part += cu;
+          }
+        }
+      }
+      const float delta = warp_sum(part);
+      __syncwarp();
+      float dse = 0.f;  // lane e: ds of entry e
+      if (lane < S) {
+        const float p = lane == 0 ? ce : ce / a.gamma;
+        dse = ce != 0.f ? es[lane] - p * delta : 0.f;
+        DS[R * S + lane] = dse;
+        if (dbias_u && ce != 0.f)
+          atomicAdd(&dbias_u[unit * a.levels + (lane == 0 ? a.pat.A.level_base : a.pat.B.level_base + lane - 1)], dse);
+      }
+      float acc[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) acc[j] = 0.f;
+      for (int e0 = 0; e0 < S; e0 += kGB * eppk) {
+        float x[kGB][8], dd[kGB];
+#pragma unroll
+        for (int u = 0; u < kGB; ++u) {
+          const int e = e0 + u * eppk + grpk;
+          dd[u] = __shfl_sync(0xffffffffu, dse, e & 31);
+          const int32_t src = __shfl_sync(0xffffffffu, se, e & 31);
+          if (e >= S) dd[u] = 0.f;
+          if (dd[u] != 0.f) load8(k0 + static_cast<int64_t>(src) * kst, x[u]);
+        }
+#pragma unroll
+        for (int u = 0; u < kGB; ++u)
+          if (dd[u] != 0.f)
+#pragma unroll
+            for (int j = 0; j < 8; ++j) acc[j] = fmaf(dd[u], x[u][j], acc[j]);
+      }
+      across_groups(acc, lpk);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) acc[j] *= a.scale;
+      if (grpk == 0) store8(dq + eoff(a.sq, sq, i, h) + 8 * subk, acc);
+      const float alpha = __shfl_sync(0xffffffffu, ce, 0);
+      if (grpv == 0) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) gv[j] *= alpha;
+        store8(dv + eoff(a.sv, sq, i, h) + 8 * subv, gv);
+      }
+      __syncwarp();
+    }
+    return;
+  }
   if (softmax && a.lpk && a.lpv) {
     // lane groups (see group_sum): one gathered row of y or k per group, 16 bytes per lane
     const int lpv = a.lpv, eppv = 32 / lpv, subv = lane & (lpv - 1), grpv = lane / lpv;
@@ -1267,6 +1397,45 @@ __global__ void __launch_bounds__(kRowWarps * 32)
   const int64_t c0 = (cg - sq.cbase) * kC;
   const int nvalid = static_cast<int>(lmin(kC, sq.n - c0));
   const int64_t* f = a.pat.B.f;
+  if (a.lpk && S <= 32) {
+    // v12: lane e finds entry e's reader and its ds (one round trip for the row), the lane
+    // groups get them by shuffles and gather q rows kGB iterations at a time
+    constexpr int kGB = 4;
+    const int lpe = a.lpk, epp = 32 / lpe, sub = lane & (lpe - 1), grp = lane / lpe;
+    const int64_t R0 = rid(a, sq, h, 0);
+    const T* q0 = q + eoff(a.sq, sq, 0, h) + 8 * sub;
+    const int32_t qst = static_cast<int32_t>(a.sq.st), n32 = static_cast<int32_t>(sq.n);
+    const int32_t fl = lane >= 1 && lane < S ? static_cast<int32_t>(lmin(f[lane - 1], INT32_MAX)) : 0;
+    for (int t = warp; t < nvalid; t += kRowWarps) {
+      const int32_t j = static_cast<int32_t>(c0) + t;
+      const int32_t me = lane < S && fl < n32 - j ? j + fl : -1;  // reader of entry `lane`
+      const float de = me >= 0 ? DS[(R0 + me) * S + lane] : 0.f;
+      float acc[8];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) acc[u] = 0.f;
+      for (int e0 = 0; e0 < S; e0 += kGB * epp) {
+        float x[kGB][8], dd[kGB];
+#pragma unroll
+        for (int u = 0; u < kGB; ++u) {
+          const int e = e0 + u * epp + grp;
+          dd[u] = __shfl_sync(0xffffffffu, de, e & 31);
+          const int32_t m = __shfl_sync(0xffffffffu, me, e & 31);
+          if (e >= S) dd[u] = 0.f;
+          if (dd[u] != 0.f) load8(q0 + static_cast<int64_t>(m) * qst, x[u]);
+        }
+#pragma unroll
+        for (int u = 0; u < kGB; ++u)
+          if (dd[u] != 0.f)
+#pragma unroll
+            for (int jj = 0; jj < 8; ++jj) acc[jj] = fmaf(dd[u], x[u][jj], acc[jj]);
+      }
+      across_groups(acc, lpe);
+#pragma unroll
+      for (int u = 0; u < 8; ++u) acc[u] *= a.scale;
+      if (grp == 0) store8(dk + eoff(a.sk, sq, j, h) + 8 * sub, acc);
+    }
+    return;
+  }
   if (a.lpk) {
     const int lpe = a.lpk, epp = 32 / lpe, sub = lane & (lpe - 1), grp = lane / lpe;
     for (int t = warp; t < nvalid; t += kRowWarps) {
