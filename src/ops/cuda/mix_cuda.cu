@@ -1162,7 +1162,7 @@ __global__ void __launch_bounds__(kChainThreads)
 
 // Row-parallel coefficient gradients once g is known: dq, dv, ds (kept for dk), bias, gate.
 template <class T>
-__global__ void __launch_bounds__(kRowWarps * 32)
+__global__ void __launch_bounds__(kRowWarps * 32, 3)
     grad_rows(KArgs a, const SeqInfo* seqs, const int32_t* chunk_seq, const T* q, const T* k, const T* v, const T* gw,
               const T* y, const float* P, const int32_t* SRC, const float* G, T* dq, T* dv, float* DS, float* dbias_u,
               float* dgate_u) {
@@ -1182,7 +1182,7 @@ __global__ void __launch_bounds__(kRowWarps * 32)
     // v12: a row's coefficients and sources are read once, one entry per lane, and passed to
     // the lane groups by shuffles, so no gather waits on a table load; gathers go out
     // kGB iterations at a time; 32-bit row indices (one wide multiply per address).
-    constexpr int kGB = 4;
+    constexpr int kGB = 2;
     const int lpv = a.lpv, eppv = 32 / lpv, subv = lane & (lpv - 1), grpv = lane / lpv;
     const int lpk = a.lpk, eppk = 32 / lpk, subk = lane & (lpk - 1), grpk = lane / lpk;
     const int64_t R0 = rid(a, sq, h, 0);
