@@ -289,23 +289,28 @@ TEST(Mix, Float32MatchesFloat64) {
 
 TEST(Mix, Float32GradientsMatchFloat64) {
   // the float32 kernels (vector rows for head widths 16..128, the generic loops otherwise)
-  // against float64, with bias and gamma, at lengths no block size divides and T = 1
+  // against float64, with bias and gamma, at lengths no block size divides and T = 1, both
+  // coefficient modes
   for (const auto& s : kSpecs) {
+    for (std::string mode : {"softmax", "gate"})
     for (auto shape : {std::vector<int64_t>{2, 100, 3, 16}, std::vector<int64_t>{1, 77, 2, 64}, std::vector<int64_t>{1, 1, 2, 64},
                        std::vector<int64_t>{1, 45, 2, 24}}) {
-      SCOPED_TRACE(s + " T=" + std::to_string(shape[1]) + " D=" + std::to_string(shape[3]));
+      SCOPED_TRACE(s + " " + mode + " T=" + std::to_string(shape[1]) + " D=" + std::to_string(shape[3]));
       torch::manual_seed(fresh_seed());
       auto pat = pattern_from_spec(s);
       const int64_t H = shape[2], L = pat->num_levels(shape[1]);
       auto d64 = torch::TensorOptions().dtype(torch::kFloat64);
       Tensor q = torch::randn(shape, d64), k = torch::randn(shape, d64), v = torch::randn(shape, d64), dy = torch::randn(shape, d64);
-      Tensor bias = 0.3 * torch::randn({H, L}, d64);
+      Tensor bias = 0.3 * torch::randn({H, L}, d64), gw = torch::randn({H, L, shape[3]}, d64);
       auto grads = [&](torch::ScalarType t) {
-        std::vector<Tensor> x = {q.to(t).requires_grad_(), k.to(t).requires_grad_(), v.to(t).requires_grad_(), bias.to(t).requires_grad_()};
+        std::vector<Tensor> x = {q.to(t).requires_grad_(), v.to(t).requires_grad_(), bias.to(t).requires_grad_(),
+                                 mode == "gate" ? gw.to(t).requires_grad_() : k.to(t).requires_grad_()};
         MixOptions o;
+        o.mode = mode;
         o.gamma = 0.9;
-        o.bias = x[3];
-        Tensor y = mix(x[0], x[1], x[2], *pat, o);
+        o.bias = x[2];
+        if (mode == "gate") o.gate_weight = x[3];
+        Tensor y = mix(x[0], mode == "gate" ? k.to(t) : x[3], x[1], *pat, o);
         return torch::autograd::grad({(y * dy.to(t)).sum()}, x);
       };
       auto g64 = grads(torch::kFloat64), g32 = grads(torch::kFloat32);
