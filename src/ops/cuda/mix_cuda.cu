@@ -651,19 +651,30 @@ __global__ void __launch_bounds__(kInvChunks * kC)
   __syncthreads();
   if (live) {
     if (a.kin <= 8) {
-      // unrolled so that a row's loads go out together (pow2 has 6 in-chunk levels)
+      // unrolled so that a row's loads go out together (pow2 has 6 in-chunk levels); the next
+      // row's taps are read before this row's store, so only the M reads wait on the sweep
+      int sln[8];
+      float tpn[8];
+#pragma unroll
+      for (int kk = 0; kk < 8; ++kk) {
+        sln[kk] = kk < a.kin ? tsrc[kk] : -1;
+        tpn[kk] = kk < a.kin ? tp[kk] : 0.f;
+      }
       for (int t = 0; t < kC; ++t) {
+        int sl[8];
+        float tv[8];
+#pragma unroll
+        for (int kk = 0; kk < 8; ++kk) {
+          sl[kk] = sln[kk];
+          tv[kk] = tpn[kk];
+          sln[kk] = kk < a.kin && t + 1 < kC ? tsrc[(t + 1) * a.kin + kk] : -1;
+          tpn[kk] = kk < a.kin && t + 1 < kC ? tp[(t + 1) * a.kin + kk] : 0.f;
+        }
         float mval = t == j ? 1.f : 0.f;
         if (t > j) {
           float part_[8];
 #pragma unroll
-          for (int kk = 0; kk < 8; ++kk) {
-            part_[kk] = 0.f;
-            if (kk < a.kin) {
-              const int sl = tsrc[t * a.kin + kk];
-              if (sl >= j && sl < t) part_[kk] = tp[t * a.kin + kk] * Ms[sl * (kC + 1) + j];
-            }
-          }
+          for (int kk = 0; kk < 8; ++kk) part_[kk] = sl[kk] >= j && sl[kk] < t ? tv[kk] * Ms[sl[kk] * (kC + 1) + j] : 0.f;
 #pragma unroll
           for (int kk = 0; kk < 8; ++kk) mval += part_[kk];
         }
@@ -1388,7 +1399,7 @@ __global__ void __launch_bounds__(kRowWarps * 32, 3)
 
 // dk for offsets: gather over the transposed pattern (readers of j are j + f(k)).
 template <class T>
-__global__ void __launch_bounds__(kRowWarps * 32)
+__global__ void __launch_bounds__(kRowWarps * 32, 4)
     dk_gather(KArgs a, const SeqInfo* seqs, const int32_t* chunk_seq, const T* q, const float* DS, T* dk) {
   const int S = 1 + a.nbl;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
