@@ -80,6 +80,7 @@ CommandRegistrar reg_eval([](CLI::App& app) {
   struct Args {
     std::string ckpt, data, task, json, corpus;
     int64_t batches = 16, batch = 32, seed = 0, context = 0, windows = 0;
+    bool by_distance = false;
   };
   auto a = std::make_shared<Args>();
   cmd->add_option("--checkpoint", a->ckpt, "checkpoint directory")->required();
@@ -94,9 +95,12 @@ CommandRegistrar reg_eval([](CLI::App& app) {
   cmd->add_option("--batch-size", a->batch, "batch size");
   cmd->add_option("--seed", a->seed, "seed of the held-out stream");
   cmd->add_option("--json", a->json, "write the result as JSON");
+  cmd->add_flag("--by-distance", a->by_distance,
+                "task or data: accuracy by how far back the answer sits in the input (buckets [1,2), [2,4), ...)");
   cmd->callback([a] {
     if (int(!a->data.empty()) + int(!a->task.empty()) + int(!a->corpus.empty()) != 1)
       throw std::invalid_argument("give exactly one of --data, --task or --corpus");
+    if (a->by_distance && !a->corpus.empty()) throw std::invalid_argument("--by-distance takes --task or --data, not --corpus");
     set_threads();
     auto [model, info] = nn::load_model(a->ckpt);
     model->eval();
@@ -125,9 +129,26 @@ CommandRegistrar reg_eval([](CLI::App& app) {
     }
     if (a->corpus.empty())
       std::printf("accuracy %.4f (%lld supervised positions), loss %.4f\n", r.accuracy, (long long)r.supervised, r.loss);
+    nlohmann::json by_distance;
+    if (a->by_distance) {
+      const train::DistanceResult dr = a->task.empty()
+                                           ? train::evaluate_by_distance(*model, data::read_jsonl(a->data), a->batch)
+                                           : train::evaluate_by_distance(*model, data::parse_task_spec(a->task), a->batch, a->batches,
+                                                                         uint64_t(a->seed));
+      std::printf("%-16s %10s %9s\n", "answer distance", "positions", "accuracy");
+      by_distance = nlohmann::json::array();
+      auto row = [&](const train::DistanceBucket& b, const std::string& label) {
+        const double acc = b.supervised ? double(b.correct) / double(b.supervised) : 0.0;
+        std::printf("%-16s %10lld %8.1f%%\n", label.c_str(), (long long)b.supervised, 100 * acc);
+        by_distance.push_back({{"lo", b.lo}, {"hi", b.hi}, {"supervised", b.supervised}, {"accuracy", acc}});
+      };
+      for (const auto& b : dr.buckets) row(b, "[" + std::to_string(b.lo) + ", " + std::to_string(b.hi) + ")");
+      if (dr.absent.supervised) row(dr.absent, "not in input");
+    }
     if (!a->json.empty()) {
       nlohmann::json j = {{"checkpoint", a->ckpt}, {"accuracy", r.accuracy}, {"loss", r.loss}, {"supervised", r.supervised},
                           {"step", info.step}};
+      if (a->by_distance) j["by_distance"] = by_distance;
       if (!a->task.empty()) j["task"] = a->task;
       else if (!a->data.empty()) j["data"] = a->data;
       else {

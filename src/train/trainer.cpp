@@ -3,6 +3,7 @@
 #include <ATen/autocast_mode.h>
 #include <torch/version.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <filesystem>
@@ -370,6 +371,71 @@ EvalResult evaluate(nn::LanguageModelImpl& model, const data::TaskSpec& task, in
     tot.supervised += s.supervised;
   }
   return finish(tot);
+}
+
+int64_t recall_distance(const int64_t* input, int64_t t, int64_t label) {
+  for (int64_t p = t; p >= 0; --p)
+    if (input[p] == label) return t - p;
+  return -1;
+}
+
+namespace {
+// Predictions at the supervised positions of one batch, tallied by recall distance.
+void tally_by_distance(nn::LanguageModelImpl& model, const data::Batch& b, torch::Device dev, DistanceResult& r) {
+  torch::NoGradGuard ng;
+  Tensor input = b.input.contiguous(), labels = b.labels.contiguous();
+  const int64_t B = input.size(0), T = input.size(1);
+  Tensor flat = labels.reshape({-1});
+  Tensor at = sparse_supervision(flat.to(dev));
+  Tensor logits = at.defined() ? model.forward_at(input.to(dev), at) : model.forward(input.to(dev));
+  Tensor pred = logits.reshape({-1, logits.size(-1)}).argmax(-1).to(torch::kCPU).contiguous();
+  Tensor where = at.defined() ? at.to(torch::kCPU).contiguous() : torch::arange(B * T, torch::kInt64);
+  const int64_t* in = input.data_ptr<int64_t>();
+  const int64_t* lab = flat.data_ptr<int64_t>();
+  const int64_t* w = where.data_ptr<int64_t>();
+  const int64_t* pr = pred.data_ptr<int64_t>();
+  for (int64_t n = 0; n < where.size(0); ++n) {
+    const int64_t idx = w[n], row = idx / T, t = idx % T, y = lab[idx];
+    if (y == data::kIgnore) continue;
+    const int64_t d = recall_distance(in + row * T, t, y);
+    DistanceBucket* bk = &r.absent;
+    if (d >= 0) {
+      int64_t lo = 1;
+      while (lo * 2 <= d) lo *= 2;
+      if (d == 0) lo = 0;
+      auto it = std::find_if(r.buckets.begin(), r.buckets.end(), [&](const DistanceBucket& x) { return x.lo == lo; });
+      if (it == r.buckets.end()) {
+        r.buckets.push_back(DistanceBucket{lo, lo == 0 ? 1 : 2 * lo, 0, 0});
+        it = r.buckets.end() - 1;
+      }
+      bk = &*it;
+    }
+    ++bk->supervised;
+    bk->correct += pr[n] == y ? 1 : 0;
+  }
+}
+void sort_buckets(DistanceResult& r) {
+  r.absent.lo = r.absent.hi = -1;
+  std::sort(r.buckets.begin(), r.buckets.end(), [](const DistanceBucket& a, const DistanceBucket& b) { return a.lo < b.lo; });
+}
+}  // namespace
+
+DistanceResult evaluate_by_distance(nn::LanguageModelImpl& model, const data::TaskSpec& task, int64_t batch_size, int64_t batches,
+                                    uint64_t seed) {
+  DistanceResult r;
+  const auto dev = model.parameters().front().device();
+  for (int64_t b = 0; b < batches; ++b) tally_by_distance(model, data::make_batch(task, batch_size, seed ^ kEvalSeed, b), dev, r);
+  sort_buckets(r);
+  return r;
+}
+
+DistanceResult evaluate_by_distance(nn::LanguageModelImpl& model, const data::Dataset& d, int64_t batch_size) {
+  DistanceResult r;
+  const auto dev = model.parameters().front().device();
+  for (int64_t first = 0; first < d.size(); first += batch_size)
+    tally_by_distance(model, d.batch(first, std::min(batch_size, d.size() - first)), dev, r);
+  sort_buckets(r);
+  return r;
 }
 
 EvalResult evaluate(nn::LanguageModelImpl& model, const data::Dataset& d, int64_t batch_size, int part, int parts) {

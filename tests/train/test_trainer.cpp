@@ -265,3 +265,45 @@ TEST(Trainer, LanguageModelConfigErrors) {
   auto o = train::TrainOptions::from_json(j, "t");
   EXPECT_THROW(train::train(o), std::invalid_argument);
 }
+
+TEST(Evaluate, RecallDistanceIsHowFarBackTheAnswerSits) {
+  const int64_t in[] = {5, 7, 9, 7, 3, 5};
+  EXPECT_EQ(train::recall_distance(in, 5, 5), 0);   // the token at t itself
+  EXPECT_EQ(train::recall_distance(in, 4, 5), 4);   // first position
+  EXPECT_EQ(train::recall_distance(in, 4, 7), 1);   // the latest occurrence counts
+  EXPECT_EQ(train::recall_distance(in, 2, 3), -1);  // only later in the sequence
+  EXPECT_EQ(train::recall_distance(in, 5, 11), -1);
+}
+
+TEST(Evaluate, ByDistanceBucketsAddUpToTheAccuracy) {
+  // an untrained model on MQAR and on copy: every supervised position lands in one bucket, the
+  // buckets' correct predictions add up to evaluate()'s accuracy, and MQAR answers are values
+  // that sit in the context (never absent), at distances below T
+  torch::manual_seed(std::random_device{}());
+  for (const std::string spec : {"mqar:T=64,N=8,V=64", "copy:T=24,L=6,V=12"}) {
+    SCOPED_TRACE(spec);
+    auto o = tiny(tmpdir("bydist"));
+    o.task = spec;
+    nn::LanguageModel m(train::resolve_model_config(o));
+    auto task = data::parse_task_spec(spec);
+    ASSERT_LE(data::vocab_size(task), m->config().vocab_size);
+    const uint64_t seed = std::random_device{}();
+    auto e = train::evaluate(*m, task, 8, 3, seed);
+    auto d = train::evaluate_by_distance(*m, task, 8, 3, seed);
+    int64_t sup = d.absent.supervised, cor = d.absent.correct, prev_hi = 0;
+    for (const auto& b : d.buckets) {
+      EXPECT_GT(b.supervised, 0);
+      EXPECT_GE(b.lo, prev_hi);  // sorted, disjoint
+      EXPECT_EQ(b.hi, b.lo == 0 ? 1 : 2 * b.lo);
+      prev_hi = b.hi;
+      sup += b.supervised;
+      cor += b.correct;
+    }
+    EXPECT_EQ(sup, e.supervised);
+    EXPECT_NEAR(double(cor) / double(sup), e.accuracy, 1e-12);
+    if (spec.rfind("mqar", 0) == 0) {
+      EXPECT_EQ(d.absent.supervised, 0);
+      EXPECT_LT(d.buckets.back().lo, 64);
+    }
+  }
+}

@@ -101,6 +101,23 @@ EvalResult evaluate(nn::LanguageModelImpl& model, const data::Dataset& data, int
 // with parts > 1, the windows first + k·batch_size·parts + part·batch_size of a rank.
 EvalResult evaluate(nn::LanguageModelImpl& model, const data::CorpusInfo& corpus, int64_t context, int64_t batch_size,
                     int64_t max_windows, int part = 0, int parts = 1);
+// Accuracy by recall distance: for a supervised position t whose label is token x, the distance
+// is t - p for the last p <= t with input[p] == x (how far back the answer sits in the input;
+// MQAR: from the query to its value). Buckets [1, 2), [2, 4), [4, 8), ... ; positions whose label
+// does not occur in the input up to t are counted in `absent`.
+struct DistanceBucket {
+  int64_t lo = 0, hi = 0;  // distances in [lo, hi)
+  int64_t supervised = 0, correct = 0;
+};
+struct DistanceResult {
+  std::vector<DistanceBucket> buckets;  // only those with supervised positions, by distance
+  DistanceBucket absent;               // lo = hi = -1
+};
+// The distance of position t's answer in one sequence (input[0..T)), or -1 when absent.
+int64_t recall_distance(const int64_t* input, int64_t t, int64_t label);
+DistanceResult evaluate_by_distance(nn::LanguageModelImpl& model, const data::TaskSpec& task, int64_t batch_size, int64_t batches,
+                                    uint64_t seed);
+DistanceResult evaluate_by_distance(nn::LanguageModelImpl& model, const data::Dataset& data, int64_t batch_size);
 // Perplexity and bits per byte from an evaluation's loss per token on this corpus.
 void set_lm_metrics(EvalResult& e, const data::CorpusInfo& corpus);
 // The corpus a run trains on: built (or reused) from the options' object, or read from a directory.
