@@ -105,6 +105,7 @@ CommandRegistrar reg_eval([](CLI::App& app) {
     auto [model, info] = nn::load_model(a->ckpt);
     model->eval();
     train::EvalResult r;
+    train::DistanceResult dr;
     if (!a->corpus.empty()) {
       auto c = data::read_corpus_info(a->corpus);
       if (c.vocab_size > info.config.vocab_size || c.tokenizer != info.tokenizer)
@@ -123,18 +124,14 @@ CommandRegistrar reg_eval([](CLI::App& app) {
         throw std::invalid_argument("task '" + a->task + "' needs vocabulary " + std::to_string(data::vocab_size(spec)) + " and context " +
                                     std::to_string(spec.T) + "; the model has " + std::to_string(info.config.vocab_size) + " and " +
                                     std::to_string(info.config.max_context));
-      r = train::evaluate(*model, spec, a->batch, a->batches, uint64_t(a->seed));
+      r = train::evaluate(*model, spec, a->batch, a->batches, uint64_t(a->seed), 0, 1, a->by_distance ? &dr : nullptr);
     } else {
-      r = train::evaluate(*model, data::read_jsonl(a->data), a->batch);
+      r = train::evaluate(*model, data::read_jsonl(a->data), a->batch, 0, 1, a->by_distance ? &dr : nullptr);
     }
     if (a->corpus.empty())
       std::printf("accuracy %.4f (%lld supervised positions), loss %.4f\n", r.accuracy, (long long)r.supervised, r.loss);
     nlohmann::json by_distance;
     if (a->by_distance) {
-      const train::DistanceResult dr = a->task.empty()
-                                           ? train::evaluate_by_distance(*model, data::read_jsonl(a->data), a->batch)
-                                           : train::evaluate_by_distance(*model, data::parse_task_spec(a->task), a->batch, a->batches,
-                                                                         uint64_t(a->seed));
       std::printf("%-16s %10s %9s\n", "answer distance", "positions", "accuracy");
       by_distance = nlohmann::json::array();
       auto row = [&](const train::DistanceBucket& b, const std::string& label) {
@@ -142,7 +139,7 @@ CommandRegistrar reg_eval([](CLI::App& app) {
         std::printf("%-16s %10lld %8.1f%%\n", label.c_str(), (long long)b.supervised, 100 * acc);
         by_distance.push_back({{"lo", b.lo}, {"hi", b.hi}, {"supervised", b.supervised}, {"accuracy", acc}});
       };
-      for (const auto& b : dr.buckets) row(b, "[" + std::to_string(b.lo) + ", " + std::to_string(b.hi) + ")");
+      for (const auto& [lo, b] : dr.buckets) row(b, "[" + std::to_string(lo) + ", " + std::to_string(b.hi) + ")");
       if (dr.absent.supervised) row(dr.absent, "not in input");
     }
     if (!a->json.empty()) {

@@ -3,7 +3,6 @@
 #include <ATen/autocast_mode.h>
 #include <torch/version.h>
 
-#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <filesystem>
@@ -148,7 +147,40 @@ Tensor sparse_supervision(const Tensor& flat_labels) {
   return at;
 }
 
-Scored score(nn::LanguageModelImpl& model, const data::Batch& b, torch::Device dev) {
+}  // namespace
+
+int64_t recall_distance(const int64_t* input, int64_t t, int64_t label) {
+  for (int64_t p = t; p >= 0; --p)
+    if (input[p] == label) return t - p;
+  return -1;
+}
+
+namespace {
+
+// Tallies a batch's predictions (pred[n] at flat position where[n]) by recall distance.
+void tally_by_distance(const data::Batch& b, const Tensor& where, const Tensor& pred, DistanceResult& r) {
+  const Tensor input = b.input.to(torch::kCPU).contiguous(), lab = b.labels.to(torch::kCPU).contiguous().reshape({-1});
+  const Tensor w = where.to(torch::kCPU).contiguous(), pr = pred.to(torch::kCPU).contiguous();
+  const int64_t T = input.size(1);
+  const int64_t *in = input.data_ptr<int64_t>(), *y = lab.data_ptr<int64_t>(), *wp = w.data_ptr<int64_t>(), *pp = pr.data_ptr<int64_t>();
+  for (int64_t n = 0; n < w.size(0); ++n) {
+    const int64_t idx = wp[n];
+    if (y[idx] == data::kIgnore) continue;
+    const int64_t d = recall_distance(in + (idx / T) * T, idx % T, y[idx]);
+    DistanceBucket* bk = &r.absent;
+    if (d >= 0) {
+      int64_t lo = d == 0 ? 0 : 1;
+      while (lo && lo * 2 <= d) lo *= 2;
+      bk = &r.buckets[lo];
+      bk->lo = lo;
+      bk->hi = lo == 0 ? 1 : 2 * lo;
+    }
+    ++bk->supervised;
+    bk->correct += pp[n] == y[idx] ? 1 : 0;
+  }
+}
+
+Scored score(nn::LanguageModelImpl& model, const data::Batch& b, torch::Device dev, DistanceResult* by_distance = nullptr) {
   torch::NoGradGuard ng;
   Tensor input = b.input.to(dev), lab = b.labels.to(dev).reshape({-1});
   Tensor at = sparse_supervision(lab);
@@ -162,7 +194,9 @@ Scored score(nn::LanguageModelImpl& model, const data::Batch& b, torch::Device d
                    .item<double>();
   Tensor mask = lab != data::kIgnore;
   s.supervised = mask.sum().item<int64_t>();
-  s.correct = ((flat.argmax(-1) == lab) & mask).sum().item<int64_t>();
+  const Tensor pred = flat.argmax(-1);
+  s.correct = ((pred == lab) & mask).sum().item<int64_t>();
+  if (by_distance) tally_by_distance(b, at.defined() ? at : torch::arange(lab.numel(), torch::kInt64), pred, *by_distance);
   return s;
 }
 
@@ -361,11 +395,11 @@ nn::ModelConfig resolve_model_config(const TrainOptions& o) {
 }
 
 EvalResult evaluate(nn::LanguageModelImpl& model, const data::TaskSpec& task, int64_t batch_size, int64_t batches, uint64_t seed,
-                    int part, int parts) {
+                    int part, int parts, DistanceResult* by_distance) {
   Scored tot;
   const auto dev = model.parameters().front().device();
   for (int64_t b = 0; b < batches; ++b) {
-    Scored s = score(model, data::make_batch(task, batch_size, seed ^ kEvalSeed, b * parts + part), dev);
+    Scored s = score(model, data::make_batch(task, batch_size, seed ^ kEvalSeed, b * parts + part), dev, by_distance);
     tot.loss_sum += s.loss_sum;
     tot.correct += s.correct;
     tot.supervised += s.supervised;
@@ -373,76 +407,12 @@ EvalResult evaluate(nn::LanguageModelImpl& model, const data::TaskSpec& task, in
   return finish(tot);
 }
 
-int64_t recall_distance(const int64_t* input, int64_t t, int64_t label) {
-  for (int64_t p = t; p >= 0; --p)
-    if (input[p] == label) return t - p;
-  return -1;
-}
-
-namespace {
-// Predictions at the supervised positions of one batch, tallied by recall distance.
-void tally_by_distance(nn::LanguageModelImpl& model, const data::Batch& b, torch::Device dev, DistanceResult& r) {
-  torch::NoGradGuard ng;
-  Tensor input = b.input.contiguous(), labels = b.labels.contiguous();
-  const int64_t B = input.size(0), T = input.size(1);
-  Tensor flat = labels.reshape({-1});
-  Tensor at = sparse_supervision(flat.to(dev));
-  Tensor logits = at.defined() ? model.forward_at(input.to(dev), at) : model.forward(input.to(dev));
-  Tensor pred = logits.reshape({-1, logits.size(-1)}).argmax(-1).to(torch::kCPU).contiguous();
-  Tensor where = at.defined() ? at.to(torch::kCPU).contiguous() : torch::arange(B * T, torch::kInt64);
-  const int64_t* in = input.data_ptr<int64_t>();
-  const int64_t* lab = flat.data_ptr<int64_t>();
-  const int64_t* w = where.data_ptr<int64_t>();
-  const int64_t* pr = pred.data_ptr<int64_t>();
-  for (int64_t n = 0; n < where.size(0); ++n) {
-    const int64_t idx = w[n], row = idx / T, t = idx % T, y = lab[idx];
-    if (y == data::kIgnore) continue;
-    const int64_t d = recall_distance(in + row * T, t, y);
-    DistanceBucket* bk = &r.absent;
-    if (d >= 0) {
-      int64_t lo = 1;
-      while (lo * 2 <= d) lo *= 2;
-      if (d == 0) lo = 0;
-      auto it = std::find_if(r.buckets.begin(), r.buckets.end(), [&](const DistanceBucket& x) { return x.lo == lo; });
-      if (it == r.buckets.end()) {
-        r.buckets.push_back(DistanceBucket{lo, lo == 0 ? 1 : 2 * lo, 0, 0});
-        it = r.buckets.end() - 1;
-      }
-      bk = &*it;
-    }
-    ++bk->supervised;
-    bk->correct += pr[n] == y ? 1 : 0;
-  }
-}
-void sort_buckets(DistanceResult& r) {
-  r.absent.lo = r.absent.hi = -1;
-  std::sort(r.buckets.begin(), r.buckets.end(), [](const DistanceBucket& a, const DistanceBucket& b) { return a.lo < b.lo; });
-}
-}  // namespace
-
-DistanceResult evaluate_by_distance(nn::LanguageModelImpl& model, const data::TaskSpec& task, int64_t batch_size, int64_t batches,
-                                    uint64_t seed) {
-  DistanceResult r;
-  const auto dev = model.parameters().front().device();
-  for (int64_t b = 0; b < batches; ++b) tally_by_distance(model, data::make_batch(task, batch_size, seed ^ kEvalSeed, b), dev, r);
-  sort_buckets(r);
-  return r;
-}
-
-DistanceResult evaluate_by_distance(nn::LanguageModelImpl& model, const data::Dataset& d, int64_t batch_size) {
-  DistanceResult r;
-  const auto dev = model.parameters().front().device();
-  for (int64_t first = 0; first < d.size(); first += batch_size)
-    tally_by_distance(model, d.batch(first, std::min(batch_size, d.size() - first)), dev, r);
-  sort_buckets(r);
-  return r;
-}
-
-EvalResult evaluate(nn::LanguageModelImpl& model, const data::Dataset& d, int64_t batch_size, int part, int parts) {
+EvalResult evaluate(nn::LanguageModelImpl& model, const data::Dataset& d, int64_t batch_size, int part, int parts,
+                    DistanceResult* by_distance) {
   Scored tot;
   const auto dev = model.parameters().front().device();
   for (int64_t first = part * batch_size; first < d.size(); first += batch_size * parts) {
-    Scored s = score(model, d.batch(first, std::min(batch_size, d.size() - first)), dev);
+    Scored s = score(model, d.batch(first, std::min(batch_size, d.size() - first)), dev, by_distance);
     tot.loss_sum += s.loss_sum;
     tot.correct += s.correct;
     tot.supervised += s.supervised;

@@ -288,10 +288,10 @@ TEST(Evaluate, ByDistanceBucketsAddUpToTheAccuracy) {
     auto task = data::parse_task_spec(spec);
     ASSERT_LE(data::vocab_size(task), m->config().vocab_size);
     const uint64_t seed = std::random_device{}();
-    auto e = train::evaluate(*m, task, 8, 3, seed);
-    auto d = train::evaluate_by_distance(*m, task, 8, 3, seed);
+    train::DistanceResult d;
+    auto e = train::evaluate(*m, task, 8, 3, seed, 0, 1, &d);
     int64_t sup = d.absent.supervised, cor = d.absent.correct, prev_hi = 0;
-    for (const auto& b : d.buckets) {
+    for (const auto& [lo, b] : d.buckets) {
       EXPECT_GT(b.supervised, 0);
       EXPECT_GE(b.lo, prev_hi);  // sorted, disjoint
       EXPECT_EQ(b.hi, b.lo == 0 ? 1 : 2 * b.lo);
@@ -303,7 +303,7 @@ TEST(Evaluate, ByDistanceBucketsAddUpToTheAccuracy) {
     EXPECT_NEAR(double(cor) / double(sup), e.accuracy, 1e-12);
     if (spec.rfind("mqar", 0) == 0) {
       EXPECT_EQ(d.absent.supervised, 0);
-      EXPECT_LT(d.buckets.back().lo, 64);
+      EXPECT_LT(d.buckets.rbegin()->second.lo, 64);
     }
   }
 }

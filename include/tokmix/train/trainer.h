@@ -6,6 +6,7 @@
 #include <torch/torch.h>
 
 #include <iosfwd>
+#include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -91,33 +92,33 @@ TrainResult train(const TrainOptions& o, bool resume = false, std::ostream* log 
 // best (eval accuracy, then eval loss), as Zoology's sweeps keep the best of several rates.
 TrainResult train_sweep(const TrainOptions& o, const std::vector<double>& lrs, bool resume = false, std::ostream* log = nullptr);
 
-// Evaluates a model on the held-out stream of a task (batches 0..batches-1 of seed ^ kEvalSeed)
-// or on a dataset. With parts > 1, only part `part` of it: the rows a rank of a distributed run
-// with batch_size per rank scores (the parts together are the whole with batch_size * parts).
-EvalResult evaluate(nn::LanguageModelImpl& model, const data::TaskSpec& task, int64_t batch_size, int64_t batches,
-                    uint64_t seed, int part = 0, int parts = 1);
-EvalResult evaluate(nn::LanguageModelImpl& model, const data::Dataset& data, int64_t batch_size, int part = 0, int parts = 1);
-// Validation windows of a corpus (consecutive, non-overlapping, at most max_windows; 0 = all);
-// with parts > 1, the windows first + k·batch_size·parts + part·batch_size of a rank.
-EvalResult evaluate(nn::LanguageModelImpl& model, const data::CorpusInfo& corpus, int64_t context, int64_t batch_size,
-                    int64_t max_windows, int part = 0, int parts = 1);
 // Accuracy by recall distance: for a supervised position t whose label is token x, the distance
 // is t - p for the last p <= t with input[p] == x (how far back the answer sits in the input;
-// MQAR: from the query to its value). Buckets [1, 2), [2, 4), [4, 8), ... ; positions whose label
-// does not occur in the input up to t are counted in `absent`.
+// MQAR: from the query to its value). Buckets [0, 1), [1, 2), [2, 4), [4, 8), ... keyed by their
+// lower end; positions whose label does not occur in the input up to t are counted in `absent`.
 struct DistanceBucket {
   int64_t lo = 0, hi = 0;  // distances in [lo, hi)
   int64_t supervised = 0, correct = 0;
 };
 struct DistanceResult {
-  std::vector<DistanceBucket> buckets;  // only those with supervised positions, by distance
-  DistanceBucket absent;               // lo = hi = -1
+  std::map<int64_t, DistanceBucket> buckets;  // only those with supervised positions
+  DistanceBucket absent{-1, -1};
 };
 // The distance of position t's answer in one sequence (input[0..T)), or -1 when absent.
 int64_t recall_distance(const int64_t* input, int64_t t, int64_t label);
-DistanceResult evaluate_by_distance(nn::LanguageModelImpl& model, const data::TaskSpec& task, int64_t batch_size, int64_t batches,
-                                    uint64_t seed);
-DistanceResult evaluate_by_distance(nn::LanguageModelImpl& model, const data::Dataset& data, int64_t batch_size);
+
+// Evaluates a model on the held-out stream of a task (batches 0..batches-1 of seed ^ kEvalSeed)
+// or on a dataset. With parts > 1, only part `part` of it: the rows a rank of a distributed run
+// with batch_size per rank scores (the parts together are the whole with batch_size * parts).
+// With by_distance, the same predictions are also tallied by recall distance.
+EvalResult evaluate(nn::LanguageModelImpl& model, const data::TaskSpec& task, int64_t batch_size, int64_t batches,
+                    uint64_t seed, int part = 0, int parts = 1, DistanceResult* by_distance = nullptr);
+EvalResult evaluate(nn::LanguageModelImpl& model, const data::Dataset& data, int64_t batch_size, int part = 0, int parts = 1,
+                    DistanceResult* by_distance = nullptr);
+// Validation windows of a corpus (consecutive, non-overlapping, at most max_windows; 0 = all);
+// with parts > 1, the windows first + k·batch_size·parts + part·batch_size of a rank.
+EvalResult evaluate(nn::LanguageModelImpl& model, const data::CorpusInfo& corpus, int64_t context, int64_t batch_size,
+                    int64_t max_windows, int part = 0, int parts = 1);
 // Perplexity and bits per byte from an evaluation's loss per token on this corpus.
 void set_lm_metrics(EvalResult& e, const data::CorpusInfo& corpus);
 // The corpus a run trains on: built (or reused) from the options' object, or read from a directory.
