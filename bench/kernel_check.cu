@@ -186,9 +186,6 @@ void check_case(const Case& c, bool bf) {
       dg(units * L * c.Dk, 0.0);
   mix_forward_cpu<double>(pat.desc(), pb, q.h.data(), kref, v.h.data(), c.bias ? bias.h.data() : nullptr, gate ? gw.h.data() : nullptr,
                           y.data(), lse.data());
-  mix_backward_cpu<double>(pat.desc(), pb, q.h.data(), kref, v.h.data(), c.bias ? bias.h.data() : nullptr, gate ? gw.h.data() : nullptr,
-                           y.data(), lse.data(), dy.h.data(), dq.data(), gate ? nullptr : dk.data(), dv.data(), c.bias ? db.data() : nullptr,
-                           gate ? dg.data() : nullptr);
   // device
   q.upload();
   k.upload();
@@ -232,9 +229,16 @@ void check_case(const Case& c, bool bf) {
   }
   CK(cudaDeviceSynchronize());
   CK(cudaGetLastError());
+  // The reference backward reads the output as the device stored it (bfloat16: rounded), so
+  // that the gradients check the backward kernels and not the rounding of y: sums over many
+  // rows such as the level-bias gradient cancel, and would magnify it past any fixed tolerance.
+  const std::vector<double> ydev = T > 0 ? gy.download() : y;
+  mix_backward_cpu<double>(pat.desc(), pb, q.h.data(), kref, v.h.data(), c.bias ? bias.h.data() : nullptr, gate ? gw.h.data() : nullptr,
+                           ydev.data(), lse.data(), dy.h.data(), dq.data(), gate ? nullptr : dk.data(), dv.data(), c.bias ? db.data() : nullptr,
+                           gate ? dg.data() : nullptr);
   std::vector<std::pair<const char*, double>> errs;
   if (T > 0) {
-    errs.push_back({"y", rel_err(gy.download(), y)});
+    errs.push_back({"y", rel_err(ydev, y)});
     errs.push_back({"dq", rel_err(gdq.download(), dq)});
     errs.push_back({"dv", rel_err(gdv.download(), dv)});
     if (!gate) errs.push_back({"dk", rel_err(gdk.download(), dk)});
@@ -456,8 +460,9 @@ int main(int argc, char** argv) {
   }
   const bool check = !(argc > 1 && std::string(argv[1]) == "--bench-only");
   const auto t_start = std::chrono::steady_clock::now();
-  // default selection, then each chain forced: the (4, 1) layout and the 512-thread chain
-  const std::pair<const char*, const char*> passes[] = {{"", ""}, {"TOKMIX_CHAIN_G", "4"}, {"TOKMIX_CUDA_VARIANT", "1"}};
+  // default selection, then each chain forced: the (4, 1) layout, and the 512-thread chain with
+  // the v12 row passes (no slab passes)
+  const std::pair<const char*, const char*> passes[] = {{"", ""}, {"TOKMIX_CHAIN_G", "4"}, {"TOKMIX_CUDA_VARIANT", "5"}};
   for (const auto& pass : passes) {
     if (!check) break;
     if (*pass.first) {
@@ -490,7 +495,7 @@ int main(int argc, char** argv) {
     const char* env_g;
     const char* label;
   };
-  const V variants[] = {{"0", "", "auto"}, {"1", "", "512-thread chain"}};
+  const V variants[] = {{"0", "", "auto"}, {"4", "", "v12 row passes"}};
   const int64_t shapes[][4] = {{4, 4096, 16, 64}, {2, 16384, 16, 128}, {1, 65536, 16, 64}};
   for (const auto& sh : shapes)
     for (const char* spec : {"pow2", "sq1-lattice"})

@@ -167,6 +167,65 @@ __device__ __forceinline__ float dot8(const float* a, const float* b) {
   return s;
 }
 
+// Eight elements as loaded (16 bytes of bfloat16 / float16, 32 of float32), converted where
+// they are used, so that a batch of gathers in flight holds half the registers at 16 bits.
+template <class T>
+struct Piece {
+  uint4 u;
+};
+template <>
+struct Piece<float> {
+  float4 a, b;
+};
+template <class T>
+__device__ __forceinline__ Piece<T> load_piece(const T* p) {
+  return Piece<T>{*reinterpret_cast<const uint4*>(p)};
+}
+template <>
+__device__ __forceinline__ Piece<float> load_piece(const float* p) {
+  return Piece<float>{*reinterpret_cast<const float4*>(p), *reinterpret_cast<const float4*>(p + 4)};
+}
+__device__ __forceinline__ void piece_floats(const Piece<float>& x, float* o) {
+  o[0] = x.a.x; o[1] = x.a.y; o[2] = x.a.z; o[3] = x.a.w; o[4] = x.b.x; o[5] = x.b.y; o[6] = x.b.z; o[7] = x.b.w;
+}
+__device__ __forceinline__ void piece_floats(const Piece<__nv_bfloat16>& x, float* o) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&x.u);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float2 f = __bfloat1622float2(h[j]);
+    o[2 * j] = f.x;
+    o[2 * j + 1] = f.y;
+  }
+}
+__device__ __forceinline__ void piece_floats(const Piece<__half>& x, float* o) {
+  const __half2* h = reinterpret_cast<const __half2*>(&x.u);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float2 f = __half22float2(h[j]);
+    o[2 * j] = f.x;
+    o[2 * j + 1] = f.y;
+  }
+}
+template <class T>
+__device__ __forceinline__ float dot_piece(const float* a, const Piece<T>& x) {
+  float f[8];
+  piece_floats(x, f);
+  return dot8(a, f);
+}
+template <class T>
+__device__ __forceinline__ void fma_piece(float* acc, float s, const Piece<T>& x) {
+  float f[8];
+  piece_floats(x, f);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) acc[j] = fmaf(s, f[j], acc[j]);
+}
+template <class T>
+__device__ __forceinline__ bool finite_piece(const Piece<T>& x) {
+  float f[8];
+  piece_floats(x, f);
+  return finite8(f);
+}
+
 // Dot of a float vector (shared memory) with a row in storage type.
 template <class T>
 __device__ __forceinline__ float dot_row(const float* a, const T* b, int n) {
@@ -804,7 +863,9 @@ __global__ void __launch_bounds__(kChainThreads)
 // the outputs they read that lie two or more chunks back, issued before the product so that its
 // time covers their latency. The previous chunk's outputs stay in shared memory
 // (double-buffered). Levels past kPF (long lattices) are read during the step.
-constexpr int kPF = 16;
+constexpr int kPF = 16;          // levels a chain's prefetch covers (near + far) when all fit
+constexpr int kNear = 8;         // near slots: levels with f <= kC (the first a.kin levels)
+constexpr int kFarSlots = 16;    // far slots, split over a row's kS threads
 constexpr int kChain4Threads = 256;  // kC * kG * kS
 
 __device__ __forceinline__ void copy_tile_async(float (*dst)[kC + 4], const float* src, int tid, int nthreads) {
@@ -828,7 +889,7 @@ __device__ __forceinline__ float4 parts_sum(float4 x) {
 template <class T, int kG, int kS>
 __global__ void __launch_bounds__(kC * kG * kS, 2)
     chain_forward4(KArgs a, const SeqInfo* seqs, const T* v, const float* P, const int32_t* SRC, const float* M, T* y, float* yf) {
-  constexpr int kW = 4 * kG, kN = kC * kG * kS, kPS = kPF / kS;
+  constexpr int kW = 4 * kG, kN = kC * kG * kS, kNP = kNear / kS, kFP = kS == 1 ? kFarSlots / 2 : kFarSlots / kS;
   __shared__ __align__(16) float Ms[2][kC][kC + 4];
   __shared__ __align__(16) float W[kC][kW];
   __shared__ __align__(16) float Yp[2][kC][kW];
@@ -843,27 +904,35 @@ __global__ void __launch_bounds__(kC * kG * kS, 2)
   const float* ybase = yf + eoff(a.sy, sq, 0, h) + d;
   const bool copy = static_cast<const void*>(yf) != static_cast<const void*>(y);
   const float* Mh = M + (sq.cbase * a.H + h) * kC * kC;  // chunk c at Mh + c * H * kC * kC
-  // The fetched levels' distances and the row-0 bases of what a step reads, so that a step's
-  // index math is 32-bit adds and one wide multiply per load (v12; a sequence's rows, a row's
-  // stride and f below 2^31). fl[b]: f(b) (offsets), 0 (lattice), -1: no such level.
-  __shared__ int32_t fl[kPF];
-  if (threadIdx.x < kPF)
+  // Levels in three ranges (v13): near [0, nn), whose sources lie in this chunk or the previous
+  // one (shared memory) for offsets, so only their coefficients are fetched ahead; far [nn, nf),
+  // whose outputs are fetched ahead too; the rest (long lattices) read during the step. fl[l]:
+  // f(l) (offsets), 0 (lattice), -1: no such level. 32-bit index math (v12).
+  const int nn = a.kin < kNear ? a.kin : kNear, nf = nn + kFP * kS;  // one thread a row: 8 far slots (registers)
+  __shared__ int32_t fl[kNear + kFarSlots];
+  if (threadIdx.x < kNear + kFarSlots)
     fl[threadIdx.x] = threadIdx.x < a.nbl ? (offsets ? static_cast<int32_t>(lmin(a.pat.B.f[threadIdx.x], INT32_MAX)) : 0) : -1;
   __syncthreads();
   const int64_t R0 = rid(a, sq, h, 0);
-  const float* P0 = P + R0 * S + 1 + part;  // row i, level b_j: P0[i S + j kS]; alpha: P0[i S - 1 - part]
-  const int32_t* S0 = SRC + R0 * a.nbl + part;
+  const float* P0 = P + R0 * S + 1;  // row i, level l: P0[i S + l]; alpha: P0[i S - 1]
+  const int32_t* S0 = SRC + R0 * a.nbl;
   const T* v0 = v + eoff(a.sv, sq, 0, h) + d;
   const int32_t yst = static_cast<int32_t>(a.sy.st), vst = static_cast<int32_t>(a.sv.st), n32 = static_cast<int32_t>(sq.n);
-  // prefetched for the next chunk: this thread's levels part, part + kS, ...
-  float4 xv = make_float4(0.f, 0.f, 0.f, 0.f), yv[kPS];
-  float alpha = 0.f, pv[kPS];
-  int32_t sv[kPS];  // source row, -1: none or inside the chunk
+  // prefetched for the next chunk: near levels part + j kS (j < kNP), far levels nn + part + j kS
+  float4 xv = make_float4(0.f, 0.f, 0.f, 0.f), yv[kFP];
+  float alpha = 0.f, pn[kNP], pv[kFP];
+  int32_t sn[kNP], sv[kFP];  // source row, -1: none or inside the chunk
+  auto source = [&](int32_t i, int l, const int32_t* Si) -> int32_t {
+    const int32_t fb = fl[l];
+    return fb < 0 ? -1 : (offsets ? i - fb : Si[l]);
+  };
   auto prefetch = [&](int64_t c) {
     const int32_t c0 = static_cast<int32_t>(c) * kC, i = c0 + t;
     alpha = 0.f;
 #pragma unroll
-    for (int j = 0; j < kPS; ++j) sv[j] = -1;
+    for (int j = 0; j < kNP; ++j) sn[j] = -1;
+#pragma unroll
+    for (int j = 0; j < kFP; ++j) sv[j] = -1;
     if (i < n32 && dok) {
       const float* Pi = P0 + static_cast<int64_t>(i) * S;
       if (part == 0) {
@@ -872,15 +941,21 @@ __global__ void __launch_bounds__(kC * kG * kS, 2)
       }
       const int32_t* Si = offsets ? nullptr : S0 + static_cast<int64_t>(i) * a.nbl;
 #pragma unroll
-      for (int j = 0; j < kPS; ++j) {
-        int32_t sidx = -1;
-        const int32_t fb = fl[part + j * kS];
-        if (fb >= 0) sidx = offsets ? i - fb : Si[j * kS];
-        sv[j] = sidx < c0 ? sidx : -1;  // taps inside the chunk are in M
-        pv[j] = sv[j] >= 0 ? Pi[j * kS] : 0.f;
+      for (int j = 0; j < kNP; ++j) {
+        const int l = part + j * kS;
+        const int32_t sidx = l < nn ? source(i, l, Si) : -1;
+        sn[j] = sidx < c0 ? sidx : -1;  // taps inside the chunk are in M
+        pn[j] = sn[j] >= 0 ? Pi[l] : 0.f;
       }
 #pragma unroll
-      for (int j = 0; j < kPS; ++j)
+      for (int j = 0; j < kFP; ++j) {
+        const int l = nn + part + j * kS;
+        const int32_t sidx = l < nf ? source(i, l, Si) : -1;
+        sv[j] = sidx < c0 ? sidx : -1;
+        pv[j] = sv[j] >= 0 ? Pi[l] : 0.f;
+      }
+#pragma unroll
+      for (int j = 0; j < kFP; ++j)
         if (sv[j] >= 0 && sv[j] < c0 - kC) yv[j] = *reinterpret_cast<const float4*>(ybase + static_cast<int64_t>(sv[j]) * yst);
     }
   };
@@ -900,13 +975,20 @@ __global__ void __launch_bounds__(kC * kG * kS, 2)
       }
       const float(*yp)[kW] = Yp[(c + 1) & 1];  // chunk c - 1
 #pragma unroll
-      for (int j = 0; j < kPS; ++j) {
+      for (int j = 0; j < kNP; ++j) {
+        if (sn[j] < 0) continue;
+        // offsets: always in chunk c - 1; a lattice's near level may reach further back
+        fma4(w, pn[j], sn[j] >= c0 - kC ? *reinterpret_cast<const float4*>(&yp[sn[j] - (c0 - kC)][4 * g])
+                                        : *reinterpret_cast<const float4*>(ybase + static_cast<int64_t>(sn[j]) * yst));
+      }
+#pragma unroll
+      for (int j = 0; j < kFP; ++j) {
         if (sv[j] < 0) continue;
         fma4(w, pv[j], sv[j] >= c0 - kC ? *reinterpret_cast<const float4*>(&yp[sv[j] - (c0 - kC)][4 * g]) : yv[j]);
       }
-      if (a.nbl > kPF) {
+      if (a.nbl > nf) {
         const int64_t R = rid(a, sq, h, i);
-        for (int kk = kPF + part; kk < a.nbl; kk += kS) {
+        for (int kk = nf + part; kk < a.nbl; kk += kS) {
           const int64_t sidx = offsets ? (a.pat.B.f[kk] <= i ? i - a.pat.B.f[kk] : -1) : SRC[R * a.nbl + kk];
           if (sidx < 0 || sidx >= c0) continue;
           const float p = P[R * S + 1 + kk];
@@ -948,7 +1030,7 @@ __global__ void __launch_bounds__(kC * kG * kS, 2)
 template <class T, int kG, int kS>
 __global__ void __launch_bounds__(kC * kG * kS, 2)
     chain_backward4(KArgs a, const SeqInfo* seqs, const T* dy, const float* P, const float* M, float* G) {
-  constexpr int kW = 4 * kG, kN = kC * kG * kS, kPS = kPF / kS;
+  constexpr int kW = 4 * kG, kN = kC * kG * kS, kNP = kNear / kS, kFP = kS == 1 ? kFarSlots / 2 : kFarSlots / kS;
   __shared__ __align__(16) float Ms[2][kC][kC + 4];
   __shared__ __align__(16) float W[kC][kW];
   __shared__ __align__(16) float Gp[2][kC][kW];
@@ -962,32 +1044,46 @@ __global__ void __launch_bounds__(kC * kG * kS, 2)
   float* gbase = G + eoff(a.sy, sq, 0, h) + d;
   const int64_t* f = a.pat.B.f;
   const float* Mh = M + (sq.cbase * a.H + h) * kC * kC;
-  // as in chain_forward4 (v12): the fetched levels' distances and the row-0 bases
-  __shared__ int32_t fl[kPF];
-  if (threadIdx.x < kPF) fl[threadIdx.x] = threadIdx.x < a.nbl ? static_cast<int32_t>(lmin(f[threadIdx.x], INT32_MAX)) : -1;
+  // near, far and remaining levels as in chain_forward4 (v13): a near level's readers lie in
+  // this chunk or the next one, so only their coefficients are fetched ahead
+  const int nn = a.kin < kNear ? a.kin : kNear, nf = nn + kFP * kS;
+  __shared__ int32_t fl[kNear + kFarSlots];
+  if (threadIdx.x < kNear + kFarSlots)
+    fl[threadIdx.x] = threadIdx.x < a.nbl ? static_cast<int32_t>(lmin(f[threadIdx.x], INT32_MAX)) : -1;
   __syncthreads();
-  const float* P0 = P + rid(a, sq, h, 0) * S + 1 + part;  // reader m, level b_j: P0[m S + j kS]
+  const float* P0 = P + rid(a, sq, h, 0) * S + 1;  // reader m, level l: P0[m S + l]
   const T* dy0 = dy + eoff(a.sy, sq, 0, h) + d;
   const int32_t yst = static_cast<int32_t>(a.sy.st), n32 = static_cast<int32_t>(sq.n);
-  float4 xv = make_float4(0.f, 0.f, 0.f, 0.f), gv[kPS];
-  float pv[kPS];
-  int32_t mv[kPS];  // reader row, -1: none or inside the chunk
+  float4 xv = make_float4(0.f, 0.f, 0.f, 0.f), gv[kFP];
+  float pn[kNP], pv[kFP];
+  int32_t mn[kNP], mv[kFP];  // reader row, -1: none or inside the chunk
   auto prefetch = [&](int64_t c) {
     const int32_t c0 = static_cast<int32_t>(c) * kC, i = c0 + t, cend = c0 + kC;
 #pragma unroll
-    for (int j = 0; j < kPS; ++j) mv[j] = -1;
+    for (int j = 0; j < kNP; ++j) mn[j] = -1;
+#pragma unroll
+    for (int j = 0; j < kFP; ++j) mv[j] = -1;
     if (i < n32 && dok) {
       if (part == 0) xv = load4(dy0 + static_cast<int64_t>(i) * yst);
       const float* Pi = P0 + static_cast<int64_t>(i) * S;
 #pragma unroll
-      for (int j = 0; j < kPS; ++j) {
-        const int32_t fb = fl[part + j * kS];
+      for (int j = 0; j < kNP; ++j) {
+        const int l = part + j * kS;
+        const int32_t fb = l < nn ? fl[l] : -1;
         const int32_t mrow = fb >= 0 && fb < n32 - i ? i + fb : -1;
-        mv[j] = mrow >= cend ? mrow : -1;
-        pv[j] = mv[j] >= 0 ? Pi[fb * S + j * kS] : 0.f;
+        mn[j] = mrow >= cend ? mrow : -1;
+        pn[j] = mn[j] >= 0 ? Pi[fb * S + l] : 0.f;
       }
 #pragma unroll
-      for (int j = 0; j < kPS; ++j)
+      for (int j = 0; j < kFP; ++j) {
+        const int l = nn + part + j * kS;
+        const int32_t fb = l < nf ? fl[l] : -1;
+        const int32_t mrow = fb >= 0 && fb < n32 - i ? i + fb : -1;
+        mv[j] = mrow >= cend ? mrow : -1;
+        pv[j] = mv[j] >= 0 ? Pi[fb * S + l] : 0.f;
+      }
+#pragma unroll
+      for (int j = 0; j < kFP; ++j)
         if (mv[j] >= cend + kC) gv[j] = *reinterpret_cast<const float4*>(gbase + static_cast<int64_t>(mv[j]) * yst);
     }
   };
@@ -1007,11 +1103,16 @@ __global__ void __launch_bounds__(kC * kG * kS, 2)
       }
       const float(*gp)[kW] = Gp[(c + 1) & 1];  // chunk c + 1
 #pragma unroll
-      for (int j = 0; j < kPS; ++j) {
+      for (int j = 0; j < kNP; ++j) {
+        if (mn[j] < 0) continue;
+        fma4(w, pn[j], *reinterpret_cast<const float4*>(&gp[mn[j] - cend][4 * g]));  // f <= kC: chunk c + 1
+      }
+#pragma unroll
+      for (int j = 0; j < kFP; ++j) {
         if (mv[j] < 0) continue;
         fma4(w, pv[j], mv[j] < cend + kC ? *reinterpret_cast<const float4*>(&gp[mv[j] - cend][4 * g]) : gv[j]);
       }
-      for (int kk = kPF + part; kk < a.nbl; kk += kS) {
+      for (int kk = nf + part; kk < a.nbl; kk += kS) {
         const int64_t mrow = i + f[kk];
         if (mrow >= sq.n) break;
         if (mrow < cend) continue;
@@ -1490,6 +1591,241 @@ __global__ void __launch_bounds__(kRowWarps * 32, 4)
       }
       dk[eoff(a.sk, sq, j, h) + d] = from_f<T>(a.scale * acc);
     }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// v13: the row-parallel passes for offsets (A = the row itself, B = offsets, at most kSMax
+// entries a row, D / 8 a power of two in [4, 32]). A warp holds 32 / lpe rows (lpe = D / 8
+// lanes a row, 16 bytes a lane) and every lane issues kSB gathers before it waits, so one round
+// trip carries kSB entries of each of the warp's rows: 4x the loads in flight of the v12 layout
+// (one row a warp) at D = 64. Entry e's distance comes from a per-block table (e = 0: the row
+// itself, its A entry), so no source table is read; the coefficient pass still writes SRC for
+// chunk_inverse. Loads depend on where entries are, never on loaded values, so that a row's
+// table reads and gathers share one round trip.
+constexpr int kSB = 8;
+
+// Entry distances (INT32_MAX: no such entry) and level biases of a head, for the slab passes.
+template <class T>
+__device__ __forceinline__ void slab_tables(const KArgs& a, int64_t h, const T* bias, int32_t* fl, float* bl, int nmax) {
+  const int S = 1 + a.nbl, e = threadIdx.x;
+  if (e < nmax) {
+    fl[e] = e == 0 ? 0 : (e < S ? static_cast<int32_t>(lmin(a.pat.B.f[e - 1], INT32_MAX)) : INT32_MAX);
+    if (bl) {
+      const int32_t lvl = e == 0 ? a.pat.A.level_base : a.pat.B.level_base + e - 1;
+      bl[e] = bias && e < S ? to_f(bias[h * a.levels + lvl]) : 0.f;
+    }
+  }
+  __syncthreads();
+}
+
+template <class T, int kSMax>
+__global__ void __launch_bounds__(kRowWarps * 32, 2)
+    coef_slab(KArgs a, const SeqInfo* seqs, const int32_t* chunk_seq, const T* q, const T* k, const T* bias, const T* gw,
+              float* lse, float* P, int32_t* SRC) {
+  __shared__ int32_t fl[kSMax];
+  __shared__ float bl[kSMax];
+  const int64_t cg = blockIdx.x, h = blockIdx.y;
+  const SeqInfo sq = seqs[chunk_seq[cg]];
+  slab_tables(a, h, bias, fl, bl, kSMax);
+  const int S = 1 + a.nbl, lpe = a.lpk, sub = threadIdx.x & (lpe - 1), rpp = kRowWarps * 32 / lpe;
+  const bool softmax = a.mode == static_cast<int32_t>(Mode::Softmax);
+  const int32_t c0 = static_cast<int32_t>((cg - sq.cbase) * kC), nvalid = static_cast<int32_t>(lmin(kC, sq.n - c0));
+  const T* kb = softmax ? k + eoff(a.sk, sq, 0, h) + 8 * sub : nullptr;
+  const T* gb = softmax ? nullptr : gw + h * a.levels * a.Dk + 8 * sub;
+  const int32_t kst = static_cast<int32_t>(a.sk.st);
+  const int64_t R0 = rid(a, sq, h, 0);
+  for (int32_t t0 = 0; t0 < nvalid; t0 += rpp) {  // every lane of a warp runs the same passes (shuffles)
+    const int32_t t = t0 + static_cast<int32_t>(threadIdx.x) / lpe, i = c0 + t;
+    const bool valid = t < nvalid;
+    float qv[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) qv[j] = 0.f;
+    if (valid) {
+      load8(q + eoff(a.sq, sq, i, h) + 8 * sub, qv);
+      if (a.bad && !finite8(qv)) atomicOr(a.bad, 1);
+    }
+    float sc[kSMax];
+#pragma unroll
+    for (int e = 0; e < kSMax; ++e) sc[e] = -INFINITY;
+#pragma unroll
+    for (int b0 = 0; b0 < kSMax; b0 += kSB) {
+      if (b0 >= S) break;
+      Piece<T> x[kSB];
+#pragma unroll
+      for (int u = 0; u < kSB; ++u) {
+        const int e = b0 + u;
+        if (valid && e < S && fl[e] <= i) {
+          const int32_t lvl = e == 0 ? a.pat.A.level_base : a.pat.B.level_base + e - 1;
+          x[u] = load_piece(softmax ? kb + static_cast<int64_t>(i - fl[e]) * kst : gb + static_cast<int64_t>(lvl) * a.Dk);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kSB; ++u) {
+        const int e = b0 + u;
+        const bool ok = valid && e < S && fl[e] <= i;
+        const float s = group_sum(ok ? dot_piece(qv, x[u]) : 0.f, lpe);
+        if (ok) sc[e] = (softmax ? a.scale * s : s) + bl[e];
+        if (e == 0 && softmax && a.bad && ok && !finite_piece(x[u])) atomicOr(a.bad, 2);
+      }
+    }
+    if (!valid) continue;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int e = 0; e < kSMax; ++e) mx = fmaxf(mx, sc[e]);
+    float sum = 0.f;
+#pragma unroll
+    for (int e = 0; e < kSMax; ++e) sum += sc[e] != -INFINITY ? __expf(sc[e] - mx) : 0.f;
+    const float l = mx + logf(sum);
+    const int64_t R = R0 + i;
+    if (sub == 0) lse[R] = l;
+#pragma unroll
+    for (int e = 0; e < kSMax; ++e) {
+      if (e >= S || (e & (lpe - 1)) != sub) continue;  // lane sub writes entries sub, sub + lpe, ...
+      P[R * S + e] = sc[e] != -INFINITY ? __expf(sc[e] - l) * (e > 0 ? a.gamma : 1.f) : 0.f;
+      if (e > 0) SRC[R * a.nbl + e - 1] = fl[e] <= i ? i - fl[e] : -1;
+    }
+  }
+}
+
+// Coefficient gradients of a row (softmax, Dk = Dv): dp_e = g_i . x_e with x_0 = v_i and x_e =
+// y of entry e's source, ds = P (dp - delta), dq_i = scale sum ds_e k_src, dv_i = alpha g_i;
+// DS kept for dk_slab; level-bias gradients summed per block in shared memory first (one global
+// atomic per level and block instead of one per row).
+template <class T, int kSMax>
+__global__ void __launch_bounds__(kRowWarps * 32, 2)
+    grad_slab(KArgs a, const SeqInfo* seqs, const int32_t* chunk_seq, const T* k, const T* v, const T* y, const float* P,
+              const float* G, T* dq, T* dv, float* DS, float* dbias_u) {
+  __shared__ int32_t fl[kSMax];
+  __shared__ float dbs[kSMax];
+  __shared__ float cus[kRowWarps * 8][kSMax + 1];  // g . x_e times P_e, per row of the pass
+  const int64_t cg = blockIdx.x, h = blockIdx.y;
+  const int64_t s_idx = chunk_seq[cg];
+  const SeqInfo sq = seqs[s_idx];
+  if (threadIdx.x < kSMax) dbs[threadIdx.x] = 0.f;
+  slab_tables<T>(a, h, nullptr, fl, nullptr, kSMax);
+  const int S = 1 + a.nbl, lpe = a.lpk, sub = threadIdx.x & (lpe - 1), rpp = kRowWarps * 32 / lpe;
+  const int row_slot = static_cast<int>(threadIdx.x) / lpe;
+  const int32_t c0 = static_cast<int32_t>((cg - sq.cbase) * kC), nvalid = static_cast<int32_t>(lmin(kC, sq.n - c0));
+  const T* kb = k + eoff(a.sk, sq, 0, h) + 8 * sub;
+  const T* yb = y + eoff(a.sy, sq, 0, h) + 8 * sub;
+  const T* vb = v + eoff(a.sv, sq, 0, h) + 8 * sub;
+  const float* gb = G + eoff(a.sy, sq, 0, h) + 8 * sub;
+  const int32_t kst = static_cast<int32_t>(a.sk.st), yst = static_cast<int32_t>(a.sy.st), vst = static_cast<int32_t>(a.sv.st);
+  const int64_t R0 = rid(a, sq, h, 0);
+  for (int32_t t0 = 0; t0 < nvalid; t0 += rpp) {
+    const int32_t t = t0 + row_slot, i = c0 + t;
+    const bool valid = t < nvalid;
+    const int64_t R = R0 + i;
+    float gv[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) gv[j] = 0.f;
+    if (valid) load8(gb + static_cast<int64_t>(i) * yst, gv);
+    float delta = 0.f, alpha = 0.f;
+#pragma unroll
+    for (int b0 = 0; b0 < kSMax; b0 += kSB) {
+      if (b0 >= S) break;
+      Piece<T> x[kSB];
+      float pe[kSB];
+#pragma unroll
+      for (int u = 0; u < kSB; ++u) {
+        const int e = b0 + u;
+        const bool ok = valid && e < S && fl[e] <= i;
+        pe[u] = ok ? P[R * S + e] : 0.f;
+        if (ok) x[u] = load_piece(e == 0 ? vb + static_cast<int64_t>(i) * vst : yb + static_cast<int64_t>(i - fl[e]) * yst);
+      }
+      if (b0 == 0) alpha = pe[0];
+#pragma unroll
+      for (int u = 0; u < kSB; ++u) {
+        const int e = b0 + u;
+        const bool ok = valid && e < S && fl[e] <= i;
+        const float c = pe[u] * group_sum(ok ? dot_piece(gv, x[u]) : 0.f, lpe);
+        delta += c;
+        if (e < S && (e & (lpe - 1)) == sub) cus[row_slot][e] = c;
+      }
+    }
+    __syncwarp();
+    float acc[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) acc[j] = 0.f;
+#pragma unroll
+    for (int b0 = 0; b0 < kSMax; b0 += kSB) {
+      if (b0 >= S) break;
+      Piece<T> x[kSB];
+      float ds[kSB];
+#pragma unroll
+      for (int u = 0; u < kSB; ++u) {
+        const int e = b0 + u;
+        const bool ok = valid && e < S && fl[e] <= i;
+        if (ok) x[u] = load_piece(kb + static_cast<int64_t>(i - fl[e]) * kst);
+        const float pv = ok ? P[R * S + e] : 0.f;  // an L1 hit: read in the first sweep
+        ds[u] = pv != 0.f ? cus[row_slot][e] - (e == 0 ? pv : pv / a.gamma) * delta : 0.f;
+        if (ok && (e & (lpe - 1)) == sub) {
+          DS[R * S + e] = ds[u];
+          if (dbias_u && pv != 0.f) atomicAdd(&dbs[e], ds[u]);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kSB; ++u)
+        if (valid && b0 + u < S && fl[b0 + u] <= i) fma_piece(acc, ds[u], x[u]);
+    }
+    __syncwarp();
+    if (valid) {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        acc[j] *= a.scale;
+        gv[j] *= alpha;
+      }
+      store8(dq + eoff(a.sq, sq, i, h) + 8 * sub, acc);
+      store8(dv + eoff(a.sv, sq, i, h) + 8 * sub, gv);
+    }
+  }
+  if (dbias_u) {
+    __syncthreads();
+    const int e = threadIdx.x;
+    if (e < S && e < kSMax && dbs[e] != 0.f)
+      atomicAdd(&dbias_u[(s_idx * a.H + h) * a.levels + (e == 0 ? a.pat.A.level_base : a.pat.B.level_base + e - 1)], dbs[e]);
+  }
+}
+
+// dk_j = scale (ds_{j,0} q_j + sum over readers m = j + f(e - 1) of ds_{m,e} q_m).
+template <class T, int kSMax>
+__global__ void __launch_bounds__(kRowWarps * 32, 2)
+    dk_slab(KArgs a, const SeqInfo* seqs, const int32_t* chunk_seq, const T* q, const float* DS, T* dk) {
+  __shared__ int32_t fl[kSMax];
+  const int64_t cg = blockIdx.x, h = blockIdx.y;
+  const SeqInfo sq = seqs[chunk_seq[cg]];
+  slab_tables<T>(a, h, nullptr, fl, nullptr, kSMax);
+  const int S = 1 + a.nbl, lpe = a.lpk, sub = threadIdx.x & (lpe - 1), rpp = kRowWarps * 32 / lpe;
+  const int32_t c0 = static_cast<int32_t>((cg - sq.cbase) * kC), nvalid = static_cast<int32_t>(lmin(kC, sq.n - c0));
+  const int32_t n32 = static_cast<int32_t>(sq.n), qst = static_cast<int32_t>(a.sq.st);
+  const T* qb = q + eoff(a.sq, sq, 0, h) + 8 * sub;
+  const int64_t R0 = rid(a, sq, h, 0);
+  for (int32_t t = static_cast<int32_t>(threadIdx.x) / lpe; t < nvalid; t += rpp) {  // no shuffles here
+    const int32_t j = c0 + t;
+    float acc[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) acc[u] = 0.f;
+#pragma unroll
+    for (int b0 = 0; b0 < kSMax; b0 += kSB) {
+      if (b0 >= S) break;
+      Piece<T> x[kSB];
+      float dd[kSB];
+#pragma unroll
+      for (int u = 0; u < kSB; ++u) {
+        const int e = b0 + u;
+        const bool ok = e < S && fl[e] < n32 - j;
+        const int32_t m = j + (ok ? fl[e] : 0);
+        dd[u] = ok ? DS[(R0 + m) * S + e] : 0.f;
+        if (ok) x[u] = load_piece(qb + static_cast<int64_t>(m) * qst);
+      }
+#pragma unroll
+      for (int u = 0; u < kSB; ++u)
+        if (b0 + u < S && fl[b0 + u] < n32 - j) fma_piece(acc, dd[u], x[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < 8; ++u) acc[u] *= a.scale;
+    store8(dk + eoff(a.sk, sq, j, h) + 8 * sub, acc);
   }
 }
 
@@ -2087,7 +2423,8 @@ KArgs kargs(const CudaMix& m, const Plan& p) {
 }
 
 // TOKMIX_CUDA_VARIANT (measurements only): bit 0 selects the previous chains, bit 1 turns the
-// lane-group paths off, so that one run can time versions side by side.
+// lane-group paths off, bit 2 the slab passes (v13), so that one run can time versions side by
+// side.
 int variant_bits() {
   const char* e = std::getenv("TOKMIX_CUDA_VARIANT");
   return e ? std::atoi(e) : 0;
@@ -2102,6 +2439,11 @@ int32_t lanes_per_row(int64_t width, int64_t esize, std::initializer_list<std::p
   for (const auto& r : rows)
     if (!aligned_to(r.first, 8 * esize) || !strides_multiple(r.second, 8)) return 0;
   return static_cast<int32_t>(width / 8);
+}
+// Whether the slab passes (v13) serve this problem: offsets in B, at most 32 entries a row,
+// 16-byte pieces of q and k, D >= 32 (a.lpk >= 4). TOKMIX_CUDA_VARIANT bit 2 turns them off.
+bool slab_ok(const CudaMix& m, const KArgs& a) {
+  return m.host_pat.B.kind == SupportKind::Offsets && m.nbl + 1 <= 32 && a.lpk >= 4 && !(variant_bits() & 4);
 }
 // Whether the 4-channel chains serve v, y (or dy) and the float32 copies.
 bool chain4_ok(const CudaMix& m, int64_t esize, std::initializer_list<const void*> ptrs) {
@@ -2190,9 +2532,17 @@ int32_t forward_t(const CudaMix& m, const T* q, const T* k, const T* v, const T*
     TOKMIX_CU(cudaMemsetAsync(b.bad, 0, sizeof(int32_t), st));
     const size_t sm1 = sizeof(float) * (kRowWarps * (m.pb.Dk + 1 + m.nbl));
     allow_smem(coef_kernel<T>, sm1);
-    coef_kernel<T><<<dim3(p.total_chunks, m.pb.H), kRowWarps * 32, sm1, st>>>(a, b.seqs, b.chunk_seq, q, k, bias, gw, lse,
-                                                                                   b.P, b.SRC, b.M);
-    TOKMIX_LAUNCHED("coef_kernel");
+    if (slab_ok(m, a)) {
+      if (m.nbl + 1 <= 16)
+        coef_slab<T, 16><<<dim3(p.total_chunks, m.pb.H), kRowWarps * 32, 0, st>>>(a, b.seqs, b.chunk_seq, q, k, bias, gw, lse, b.P, b.SRC);
+      else
+        coef_slab<T, 32><<<dim3(p.total_chunks, m.pb.H), kRowWarps * 32, 0, st>>>(a, b.seqs, b.chunk_seq, q, k, bias, gw, lse, b.P, b.SRC);
+      TOKMIX_LAUNCHED("coef_slab");
+    } else {
+      coef_kernel<T><<<dim3(p.total_chunks, m.pb.H), kRowWarps * 32, sm1, st>>>(a, b.seqs, b.chunk_seq, q, k, bias, gw, lse,
+                                                                                     b.P, b.SRC, b.M);
+      TOKMIX_LAUNCHED("coef_kernel");
+    }
     const size_t smi = sizeof(float) * kInvChunks * (kC * (kC + 1) + 2 * kC * p.kin);
     allow_smem(chunk_inverse, smi);
     chunk_inverse<<<dim3((p.total_chunks + kInvChunks - 1) / kInvChunks, m.pb.H), kInvChunks * kC, smi, st>>>(
@@ -2277,13 +2627,26 @@ int32_t backward_t(const CudaMix& m, const T* q, const T* k, const T* v, const T
 #undef TOKMIX_CHAIN_BWD
       TOKMIX_LAUNCHED("chain_backward");
     }
-    const size_t smr = sizeof(float) * kRowWarps * (m.pb.Dv + 1 + m.nbl);
-    allow_smem(grad_rows<T>, smr);
-    grad_rows<T><<<rows_grid, kRowWarps * 32, smr, st>>>(a, b.seqs, b.chunk_seq, q, k, v, gw, y, b.P, b.SRC, b.G, dq, dv, b.DS,
-                                                         dbias_u, dgate_u);
-    TOKMIX_LAUNCHED("grad_rows");
+    const bool slab = softmax && slab_ok(m, a) && a.lpv == a.lpk;
+    if (slab) {
+      if (m.nbl + 1 <= 16)
+        grad_slab<T, 16><<<rows_grid, kRowWarps * 32, 0, st>>>(a, b.seqs, b.chunk_seq, k, v, y, b.P, b.G, dq, dv, b.DS, dbias_u);
+      else
+        grad_slab<T, 32><<<rows_grid, kRowWarps * 32, 0, st>>>(a, b.seqs, b.chunk_seq, k, v, y, b.P, b.G, dq, dv, b.DS, dbias_u);
+      TOKMIX_LAUNCHED("grad_slab");
+    } else {
+      const size_t smr = sizeof(float) * kRowWarps * (m.pb.Dv + 1 + m.nbl);
+      allow_smem(grad_rows<T>, smr);
+      grad_rows<T><<<rows_grid, kRowWarps * 32, smr, st>>>(a, b.seqs, b.chunk_seq, q, k, v, gw, y, b.P, b.SRC, b.G, dq, dv, b.DS,
+                                                           dbias_u, dgate_u);
+      TOKMIX_LAUNCHED("grad_rows");
+    }
     if (softmax) {
-      if (lattice) {
+      if (slab) {
+        if (m.nbl + 1 <= 16) dk_slab<T, 16><<<rows_grid, kRowWarps * 32, 0, st>>>(a, b.seqs, b.chunk_seq, q, b.DS, dk);
+        else dk_slab<T, 32><<<rows_grid, kRowWarps * 32, 0, st>>>(a, b.seqs, b.chunk_seq, q, b.DS, dk);
+        TOKMIX_LAUNCHED("dk_slab");
+      } else if (lattice) {
         const int64_t nk = m.pb.batch * m.pb.T * m.pb.H * m.pb.Dk;
         TOKMIX_CU(cudaMemsetAsync(b.dkacc, 0, sizeof(float) * nk, st));
         dk_lattice_scatter<T><<<rows_grid, kRowWarps * 32, 0, st>>>(a, b.seqs, b.chunk_seq, q, b.DS, b.SRC, b.dkacc);
