@@ -1596,13 +1596,13 @@ __global__ void __launch_bounds__(kRowWarps * 32, 4)
 
 // ---------------------------------------------------------------------------------------------
 // v13: the row-parallel passes for offsets (A = the row itself, B = offsets, at most kSMax
-// entries a row, D / 8 a power of two in [4, 32]). A warp holds 32 / lpe rows (lpe = D / 8
-// lanes a row, 16 bytes a lane) and every lane issues kSB gathers before it waits, so one round
-// trip carries kSB entries of each of the warp's rows: 4x the loads in flight of the v12 layout
-// (one row a warp) at D = 64. Entry e's distance comes from a per-block table (e = 0: the row
-// itself, its A entry), so no source table is read; the coefficient pass still writes SRC for
-// chunk_inverse. Loads depend on where entries are, never on loaded values, so that a row's
-// table reads and gathers share one round trip.
+// entries a row, D = 64 or 128). A warp holds 32 / kL rows (kL = D / 8 lanes a row, 16 bytes a
+// lane) and every lane issues kSB gathers before it waits, so one round trip carries kSB
+// entries of each of the warp's rows: 4x the loads in flight of the v12 layout (one row a warp)
+// at D = 64. Entry e's distance comes from a per-block table (e = 0: the row itself, its A
+// entry); f increases, so a row's entries are those below a count `cnt`, and no source table is
+// read (the coefficient pass still writes SRC for chunk_inverse). Loads depend on where entries
+// are, never on loaded values, so that a row's table reads and gathers share one round trip.
 constexpr int kSB = 8;
 
 // Entry distances (INT32_MAX: no such entry) and level biases of a head, for the slab passes.
@@ -1618,26 +1618,51 @@ __device__ __forceinline__ void slab_tables(const KArgs& a, int64_t h, const T* 
   }
   __syncthreads();
 }
+// Entries with distance <= lim (entry 0 always): distances increase with e.
+template <int kSMax>
+__device__ __forceinline__ int slab_count(const int32_t* fl, int32_t lim) {
+  int cnt = 1;
+#pragma unroll
+  for (int e = 1; e < kSMax; ++e) cnt += fl[e] <= lim ? 1 : 0;
+  return cnt;
+}
+template <int kL>
+__device__ __forceinline__ float lanes_sum(float v) {
+#pragma unroll
+  for (int o = kL >> 1; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+// x[j kL + sub] for this lane's sub (a select chain: no local memory for a register array).
+template <int kL, int kN>
+__device__ __forceinline__ float lane_pick(const float* x, int j, int sub) {
+  float r = 0.f;
+#pragma unroll
+  for (int u = 0; u < kL; ++u)
+    if (u == sub) r = x[j * kL + u];
+  return r;
+}
 
-template <class T, int kSMax>
+template <class T, int kSMax, int kL>
 __global__ void __launch_bounds__(kRowWarps * 32, 2)
     coef_slab(KArgs a, const SeqInfo* seqs, const int32_t* chunk_seq, const T* q, const T* k, const T* bias, const T* gw,
               float* lse, float* P, int32_t* SRC) {
   __shared__ int32_t fl[kSMax];
   __shared__ float bl[kSMax];
+  constexpr int kRows = kRowWarps * 32 / kL;  // rows a pass
   const int64_t cg = blockIdx.x, h = blockIdx.y;
   const SeqInfo sq = seqs[chunk_seq[cg]];
   slab_tables(a, h, bias, fl, bl, kSMax);
-  const int S = 1 + a.nbl, lpe = a.lpk, sub = threadIdx.x & (lpe - 1), rpp = kRowWarps * 32 / lpe;
+  const int S = 1 + a.nbl, sub = threadIdx.x & (kL - 1);
   const bool softmax = a.mode == static_cast<int32_t>(Mode::Softmax);
   const int32_t c0 = static_cast<int32_t>((cg - sq.cbase) * kC), nvalid = static_cast<int32_t>(lmin(kC, sq.n - c0));
   const T* kb = softmax ? k + eoff(a.sk, sq, 0, h) + 8 * sub : nullptr;
   const T* gb = softmax ? nullptr : gw + h * a.levels * a.Dk + 8 * sub;
   const int32_t kst = static_cast<int32_t>(a.sk.st);
   const int64_t R0 = rid(a, sq, h, 0);
-  for (int32_t t0 = 0; t0 < nvalid; t0 += rpp) {  // every lane of a warp runs the same passes (shuffles)
-    const int32_t t = t0 + static_cast<int32_t>(threadIdx.x) / lpe, i = c0 + t;
+  for (int32_t t0 = 0; t0 < nvalid; t0 += kRows) {  // every lane of a warp runs the same passes (shuffles)
+    const int32_t t = t0 + static_cast<int32_t>(threadIdx.x) / kL, i = c0 + t;
     const bool valid = t < nvalid;
+    const int cnt = valid ? slab_count<kSMax>(fl, i) : 0;
     float qv[8];
 #pragma unroll
     for (int j = 0; j < 8; ++j) qv[j] = 0.f;
@@ -1655,7 +1680,7 @@ __global__ void __launch_bounds__(kRowWarps * 32, 2)
 #pragma unroll
       for (int u = 0; u < kSB; ++u) {
         const int e = b0 + u;
-        if (valid && e < S && fl[e] <= i) {
+        if (e < cnt) {
           const int32_t lvl = e == 0 ? a.pat.A.level_base : a.pat.B.level_base + e - 1;
           x[u] = load_piece(softmax ? kb + static_cast<int64_t>(i - fl[e]) * kst : gb + static_cast<int64_t>(lvl) * a.Dk);
         }
@@ -1663,27 +1688,30 @@ __global__ void __launch_bounds__(kRowWarps * 32, 2)
 #pragma unroll
       for (int u = 0; u < kSB; ++u) {
         const int e = b0 + u;
-        const bool ok = valid && e < S && fl[e] <= i;
-        const float s = group_sum(ok ? dot_piece(qv, x[u]) : 0.f, lpe);
-        if (ok) sc[e] = (softmax ? a.scale * s : s) + bl[e];
-        if (e == 0 && softmax && a.bad && ok && !finite_piece(x[u])) atomicOr(a.bad, 2);
+        const float s = lanes_sum<kL>(e < cnt ? dot_piece(qv, x[u]) : 0.f);
+        if (e < cnt) sc[e] = (softmax ? a.scale * s : s) + bl[e];
       }
+      if (b0 == 0 && softmax && a.bad && cnt > 0 && !finite_piece(x[0])) atomicOr(a.bad, 2);
     }
-    if (!valid) continue;
     float mx = -INFINITY;
 #pragma unroll
     for (int e = 0; e < kSMax; ++e) mx = fmaxf(mx, sc[e]);
     float sum = 0.f;
 #pragma unroll
-    for (int e = 0; e < kSMax; ++e) sum += sc[e] != -INFINITY ? __expf(sc[e] - mx) : 0.f;
+    for (int e = 0; e < kSMax; ++e)
+      if (e < cnt) sum += __expf(sc[e] - mx);
     const float l = mx + logf(sum);
+    if (!valid) continue;
     const int64_t R = R0 + i;
     if (sub == 0) lse[R] = l;
 #pragma unroll
-    for (int e = 0; e < kSMax; ++e) {
-      if (e >= S || (e & (lpe - 1)) != sub) continue;  // lane sub writes entries sub, sub + lpe, ...
-      P[R * S + e] = sc[e] != -INFINITY ? __expf(sc[e] - l) * (e > 0 ? a.gamma : 1.f) : 0.f;
-      if (e > 0) SRC[R * a.nbl + e - 1] = fl[e] <= i ? i - fl[e] : -1;
+    for (int j = 0; j < (kSMax + kL - 1) / kL; ++j) {  // lane sub writes entries sub, sub + kL, ...
+      const int e = j * kL + sub;
+      const float se = lane_pick<kL, kSMax>(sc, j, sub);
+      if (e < S) {
+        P[R * S + e] = e < cnt ? __expf(se - l) * (e > 0 ? a.gamma : 1.f) : 0.f;
+        if (e > 0) SRC[R * a.nbl + e - 1] = e < cnt ? i - fl[e] : -1;
+      }
     }
   }
 }
@@ -1692,20 +1720,20 @@ __global__ void __launch_bounds__(kRowWarps * 32, 2)
 // y of entry e's source, ds = P (dp - delta), dq_i = scale sum ds_e k_src, dv_i = alpha g_i;
 // DS kept for dk_slab; level-bias gradients summed per block in shared memory first (one global
 // atomic per level and block instead of one per row).
-template <class T, int kSMax>
+template <class T, int kSMax, int kL>
 __global__ void __launch_bounds__(kRowWarps * 32, 2)
     grad_slab(KArgs a, const SeqInfo* seqs, const int32_t* chunk_seq, const T* k, const T* v, const T* y, const float* P,
               const float* G, T* dq, T* dv, float* DS, float* dbias_u) {
+  constexpr int kRows = kRowWarps * 32 / kL;
   __shared__ int32_t fl[kSMax];
   __shared__ float dbs[kSMax];
-  __shared__ float cus[kRowWarps * 8][kSMax + 1];  // g . x_e times P_e, per row of the pass
+  __shared__ float cus[kRows][kSMax + 1];  // P_e (g . x_e) of each row of the pass
   const int64_t cg = blockIdx.x, h = blockIdx.y;
   const int64_t s_idx = chunk_seq[cg];
   const SeqInfo sq = seqs[s_idx];
   if (threadIdx.x < kSMax) dbs[threadIdx.x] = 0.f;
   slab_tables<T>(a, h, nullptr, fl, nullptr, kSMax);
-  const int S = 1 + a.nbl, lpe = a.lpk, sub = threadIdx.x & (lpe - 1), rpp = kRowWarps * 32 / lpe;
-  const int row_slot = static_cast<int>(threadIdx.x) / lpe;
+  const int S = 1 + a.nbl, sub = threadIdx.x & (kL - 1), slot = static_cast<int>(threadIdx.x) / kL;
   const int32_t c0 = static_cast<int32_t>((cg - sq.cbase) * kC), nvalid = static_cast<int32_t>(lmin(kC, sq.n - c0));
   const T* kb = k + eoff(a.sk, sq, 0, h) + 8 * sub;
   const T* yb = y + eoff(a.sy, sq, 0, h) + 8 * sub;
@@ -1713,10 +1741,11 @@ __global__ void __launch_bounds__(kRowWarps * 32, 2)
   const float* gb = G + eoff(a.sy, sq, 0, h) + 8 * sub;
   const int32_t kst = static_cast<int32_t>(a.sk.st), yst = static_cast<int32_t>(a.sy.st), vst = static_cast<int32_t>(a.sv.st);
   const int64_t R0 = rid(a, sq, h, 0);
-  for (int32_t t0 = 0; t0 < nvalid; t0 += rpp) {
-    const int32_t t = t0 + row_slot, i = c0 + t;
+  for (int32_t t0 = 0; t0 < nvalid; t0 += kRows) {
+    const int32_t t = t0 + slot, i = c0 + t;
     const bool valid = t < nvalid;
-    const int64_t R = R0 + i;
+    const int cnt = valid ? slab_count<kSMax>(fl, i) : 0;
+    const float* Pr = P + (R0 + i) * S;
     float gv[8];
 #pragma unroll
     for (int j = 0; j < 8; ++j) gv[j] = 0.f;
@@ -1730,18 +1759,16 @@ __global__ void __launch_bounds__(kRowWarps * 32, 2)
 #pragma unroll
       for (int u = 0; u < kSB; ++u) {
         const int e = b0 + u;
-        const bool ok = valid && e < S && fl[e] <= i;
-        pe[u] = ok ? P[R * S + e] : 0.f;
-        if (ok) x[u] = load_piece(e == 0 ? vb + static_cast<int64_t>(i) * vst : yb + static_cast<int64_t>(i - fl[e]) * yst);
+        pe[u] = e < cnt ? Pr[e] : 0.f;
+        if (e < cnt) x[u] = load_piece(e == 0 ? vb + static_cast<int64_t>(i) * vst : yb + static_cast<int64_t>(i - fl[e]) * yst);
       }
       if (b0 == 0) alpha = pe[0];
 #pragma unroll
       for (int u = 0; u < kSB; ++u) {
         const int e = b0 + u;
-        const bool ok = valid && e < S && fl[e] <= i;
-        const float c = pe[u] * group_sum(ok ? dot_piece(gv, x[u]) : 0.f, lpe);
+        const float c = pe[u] * lanes_sum<kL>(e < cnt ? dot_piece(gv, x[u]) : 0.f);
         delta += c;
-        if (e < S && (e & (lpe - 1)) == sub) cus[row_slot][e] = c;
+        if (sub == 0) cus[slot][e] = c;
       }
     }
     __syncwarp();
@@ -1756,18 +1783,17 @@ __global__ void __launch_bounds__(kRowWarps * 32, 2)
 #pragma unroll
       for (int u = 0; u < kSB; ++u) {
         const int e = b0 + u;
-        const bool ok = valid && e < S && fl[e] <= i;
-        if (ok) x[u] = load_piece(kb + static_cast<int64_t>(i - fl[e]) * kst);
-        const float pv = ok ? P[R * S + e] : 0.f;  // an L1 hit: read in the first sweep
-        ds[u] = pv != 0.f ? cus[row_slot][e] - (e == 0 ? pv : pv / a.gamma) * delta : 0.f;
-        if (ok && (e & (lpe - 1)) == sub) {
-          DS[R * S + e] = ds[u];
+        if (e < cnt) x[u] = load_piece(kb + static_cast<int64_t>(i - fl[e]) * kst);
+        const float pv = e < cnt ? Pr[e] : 0.f;  // an L1 hit: read in the first sweep
+        ds[u] = pv != 0.f ? cus[slot][e] - (e == 0 ? pv : pv / a.gamma) * delta : 0.f;
+        if (e < cnt && (e & (kL - 1)) == sub) {
+          DS[(R0 + i) * S + e] = ds[u];
           if (dbias_u && pv != 0.f) atomicAdd(&dbs[e], ds[u]);
         }
       }
 #pragma unroll
       for (int u = 0; u < kSB; ++u)
-        if (valid && b0 + u < S && fl[b0 + u] <= i) fma_piece(acc, ds[u], x[u]);
+        if (b0 + u < cnt) fma_piece(acc, ds[u], x[u]);
     }
     __syncwarp();
     if (valid) {
@@ -1789,20 +1815,22 @@ __global__ void __launch_bounds__(kRowWarps * 32, 2)
 }
 
 // dk_j = scale (ds_{j,0} q_j + sum over readers m = j + f(e - 1) of ds_{m,e} q_m).
-template <class T, int kSMax>
+template <class T, int kSMax, int kL>
 __global__ void __launch_bounds__(kRowWarps * 32, 2)
     dk_slab(KArgs a, const SeqInfo* seqs, const int32_t* chunk_seq, const T* q, const float* DS, T* dk) {
+  constexpr int kRows = kRowWarps * 32 / kL;
   __shared__ int32_t fl[kSMax];
   const int64_t cg = blockIdx.x, h = blockIdx.y;
   const SeqInfo sq = seqs[chunk_seq[cg]];
   slab_tables<T>(a, h, nullptr, fl, nullptr, kSMax);
-  const int S = 1 + a.nbl, lpe = a.lpk, sub = threadIdx.x & (lpe - 1), rpp = kRowWarps * 32 / lpe;
+  const int S = 1 + a.nbl, sub = threadIdx.x & (kL - 1);
   const int32_t c0 = static_cast<int32_t>((cg - sq.cbase) * kC), nvalid = static_cast<int32_t>(lmin(kC, sq.n - c0));
   const int32_t n32 = static_cast<int32_t>(sq.n), qst = static_cast<int32_t>(a.sq.st);
   const T* qb = q + eoff(a.sq, sq, 0, h) + 8 * sub;
   const int64_t R0 = rid(a, sq, h, 0);
-  for (int32_t t = static_cast<int32_t>(threadIdx.x) / lpe; t < nvalid; t += rpp) {  // no shuffles here
+  for (int32_t t = static_cast<int32_t>(threadIdx.x) / kL; t < nvalid; t += kRows) {  // no shuffles here
     const int32_t j = c0 + t;
+    const int cnt = slab_count<kSMax>(fl, n32 - 1 - j);  // readers j + f inside the sequence
     float acc[8];
 #pragma unroll
     for (int u = 0; u < 8; ++u) acc[u] = 0.f;
@@ -1814,14 +1842,13 @@ __global__ void __launch_bounds__(kRowWarps * 32, 2)
 #pragma unroll
       for (int u = 0; u < kSB; ++u) {
         const int e = b0 + u;
-        const bool ok = e < S && fl[e] < n32 - j;
-        const int32_t m = j + (ok ? fl[e] : 0);
-        dd[u] = ok ? DS[(R0 + m) * S + e] : 0.f;
-        if (ok) x[u] = load_piece(qb + static_cast<int64_t>(m) * qst);
+        const int32_t m = j + (e < cnt ? fl[e] : 0);
+        dd[u] = e < cnt ? DS[(R0 + m) * S + e] : 0.f;
+        if (e < cnt) x[u] = load_piece(qb + static_cast<int64_t>(m) * qst);
       }
 #pragma unroll
       for (int u = 0; u < kSB; ++u)
-        if (b0 + u < S && fl[b0 + u] < n32 - j) fma_piece(acc, dd[u], x[u]);
+        if (b0 + u < cnt) fma_piece(acc, dd[u], x[u]);
     }
 #pragma unroll
     for (int u = 0; u < 8; ++u) acc[u] *= a.scale;
@@ -2441,9 +2468,9 @@ int32_t lanes_per_row(int64_t width, int64_t esize, std::initializer_list<std::p
   return static_cast<int32_t>(width / 8);
 }
 // Whether the slab passes (v13) serve this problem: offsets in B, at most 32 entries a row,
-// 16-byte pieces of q and k, D >= 32 (a.lpk >= 4). TOKMIX_CUDA_VARIANT bit 2 turns them off.
+// 16-byte pieces of q and k, Dk = 64 or 128 (a.lpk = 8 or 16). TOKMIX_CUDA_VARIANT bit 2 turns them off.
 bool slab_ok(const CudaMix& m, const KArgs& a) {
-  return m.host_pat.B.kind == SupportKind::Offsets && m.nbl + 1 <= 32 && a.lpk >= 4 && !(variant_bits() & 4);
+  return m.host_pat.B.kind == SupportKind::Offsets && m.nbl + 1 <= 32 && (a.lpk == 8 || a.lpk == 16) && !(variant_bits() & 4);
 }
 // Whether the 4-channel chains serve v, y (or dy) and the float32 copies.
 bool chain4_ok(const CudaMix& m, int64_t esize, std::initializer_list<const void*> ptrs) {
@@ -2533,10 +2560,16 @@ int32_t forward_t(const CudaMix& m, const T* q, const T* k, const T* v, const T*
     const size_t sm1 = sizeof(float) * (kRowWarps * (m.pb.Dk + 1 + m.nbl));
     allow_smem(coef_kernel<T>, sm1);
     if (slab_ok(m, a)) {
-      if (m.nbl + 1 <= 16)
-        coef_slab<T, 16><<<dim3(p.total_chunks, m.pb.H), kRowWarps * 32, 0, st>>>(a, b.seqs, b.chunk_seq, q, k, bias, gw, lse, b.P, b.SRC);
-      else
-        coef_slab<T, 32><<<dim3(p.total_chunks, m.pb.H), kRowWarps * 32, 0, st>>>(a, b.seqs, b.chunk_seq, q, k, bias, gw, lse, b.P, b.SRC);
+#define TOKMIX_COEF_SLAB(SM, L) \
+  coef_slab<T, SM, L><<<dim3(p.total_chunks, m.pb.H), kRowWarps * 32, 0, st>>>(a, b.seqs, b.chunk_seq, q, k, bias, gw, lse, b.P, b.SRC)
+      if (m.nbl + 1 <= 16) {
+        if (a.lpk == 8) TOKMIX_COEF_SLAB(16, 8);
+        else TOKMIX_COEF_SLAB(16, 16);
+      } else {
+        if (a.lpk == 8) TOKMIX_COEF_SLAB(32, 8);
+        else TOKMIX_COEF_SLAB(32, 16);
+      }
+#undef TOKMIX_COEF_SLAB
       TOKMIX_LAUNCHED("coef_slab");
     } else {
       coef_kernel<T><<<dim3(p.total_chunks, m.pb.H), kRowWarps * 32, sm1, st>>>(a, b.seqs, b.chunk_seq, q, k, bias, gw, lse,
@@ -2629,10 +2662,16 @@ int32_t backward_t(const CudaMix& m, const T* q, const T* k, const T* v, const T
     }
     const bool slab = softmax && slab_ok(m, a) && a.lpv == a.lpk;
     if (slab) {
-      if (m.nbl + 1 <= 16)
-        grad_slab<T, 16><<<rows_grid, kRowWarps * 32, 0, st>>>(a, b.seqs, b.chunk_seq, k, v, y, b.P, b.G, dq, dv, b.DS, dbias_u);
-      else
-        grad_slab<T, 32><<<rows_grid, kRowWarps * 32, 0, st>>>(a, b.seqs, b.chunk_seq, k, v, y, b.P, b.G, dq, dv, b.DS, dbias_u);
+#define TOKMIX_GRAD_SLAB(SM, L) \
+  grad_slab<T, SM, L><<<rows_grid, kRowWarps * 32, 0, st>>>(a, b.seqs, b.chunk_seq, k, v, y, b.P, b.G, dq, dv, b.DS, dbias_u)
+      if (m.nbl + 1 <= 16) {
+        if (a.lpk == 8) TOKMIX_GRAD_SLAB(16, 8);
+        else TOKMIX_GRAD_SLAB(16, 16);
+      } else {
+        if (a.lpk == 8) TOKMIX_GRAD_SLAB(32, 8);
+        else TOKMIX_GRAD_SLAB(32, 16);
+      }
+#undef TOKMIX_GRAD_SLAB
       TOKMIX_LAUNCHED("grad_slab");
     } else {
       const size_t smr = sizeof(float) * kRowWarps * (m.pb.Dv + 1 + m.nbl);
@@ -2643,8 +2682,15 @@ int32_t backward_t(const CudaMix& m, const T* q, const T* k, const T* v, const T
     }
     if (softmax) {
       if (slab) {
-        if (m.nbl + 1 <= 16) dk_slab<T, 16><<<rows_grid, kRowWarps * 32, 0, st>>>(a, b.seqs, b.chunk_seq, q, b.DS, dk);
-        else dk_slab<T, 32><<<rows_grid, kRowWarps * 32, 0, st>>>(a, b.seqs, b.chunk_seq, q, b.DS, dk);
+#define TOKMIX_DK_SLAB(SM, L) dk_slab<T, SM, L><<<rows_grid, kRowWarps * 32, 0, st>>>(a, b.seqs, b.chunk_seq, q, b.DS, dk)
+        if (m.nbl + 1 <= 16) {
+          if (a.lpk == 8) TOKMIX_DK_SLAB(16, 8);
+          else TOKMIX_DK_SLAB(16, 16);
+        } else {
+          if (a.lpk == 8) TOKMIX_DK_SLAB(32, 8);
+          else TOKMIX_DK_SLAB(32, 16);
+        }
+#undef TOKMIX_DK_SLAB
         TOKMIX_LAUNCHED("dk_slab");
       } else if (lattice) {
         const int64_t nk = m.pb.batch * m.pb.T * m.pb.H * m.pb.Dk;
