@@ -85,6 +85,9 @@ struct CudaMix {
   int32_t nbl = 0;       // B levels in use: pattern.num_B_levels(max_seq)
   DType dtype = DType::F32;
   void* stream = nullptr;  // cudaStream_t
+  // Deferred finiteness report (chunked solver): when set, the mask is copied to this pinned
+  // host slot behind the kernels and the call returns 0 without waiting for the stream.
+  int32_t* flags_out = nullptr;
 };
 
 // Scratch the op needs on the device (bytes), allocated by the caller and passed as `ws`.
@@ -133,6 +136,13 @@ struct CudaDecodeState {
 int64_t decode_split_floats(const DecodeProblem& pb, bool lattice);
 // Host-mapped flags (cudaHostAlloc, zero-filled): returns the host pointer, *dev the device one.
 unsigned long long* decode_flags_alloc(int64_t n, unsigned long long** dev);
+// Pinned host slots for deferred finiteness reports (CudaMix::flags_out) and the events that
+// say when a slot holds its report.
+int32_t* flag_slots_alloc(int64_t n);
+void flag_slots_free(int32_t* host);
+void* event_record(void* stream);              // a new event, recorded on the stream
+bool event_done(void* event, bool wait);       // wait: block until it has happened
+void event_destroy(void* event);
 void decode_flags_free(unsigned long long* host);
 
 // One decode step. pb gives dims, mode, caches' capacities; its pointer fields are unused (the

@@ -28,6 +28,20 @@ torch::Tensor mix(const torch::Tensor& q, const torch::Tensor& k, const torch::T
 torch::Tensor mix(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const std::string& pattern,
                   const MixOptions& opt = {});
 
+// When NaN or Inf in q, k, v (forward) or dy (backward) is reported on CUDA. AtCall (default):
+// the call waits for its kernels and throws. Deferred: the kernels' report is copied behind them
+// and the call returns at once, so the host runs ahead of the GPU as with any CUDA op; a report
+// throws (naming the input, as at the call) at the first of: the next mix call on any thread
+// whose GPU work has finished by then, or check_finite_pending(). The trainer defers and calls
+// check_finite_pending() where it reads the loss and the gradient norm, which wait for the GPU
+// anyway, so a bad input still stops the step before the update. CPU calls always check at the
+// call. TOKMIX_FINITE_CHECK=deferred sets the mode at start-up.
+enum class FiniteCheck { AtCall, Deferred };
+void set_finite_check(FiniteCheck mode);
+FiniteCheck finite_check();
+// Waits for the GPU work of every deferred report and throws the first bad one.
+void check_finite_pending();
+
 // Parsed patterns are cached by spec (parsing expands f and its lattice once).
 std::shared_ptr<const Pattern> pattern_from_spec(const std::string& spec);
 

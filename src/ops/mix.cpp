@@ -5,6 +5,7 @@
 #include <omp.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <deque>
 #include <fstream>
@@ -241,6 +242,19 @@ Tensor to_heads(const Tensor& t, const char* name) {
   return t.transpose(1, 2).contiguous();
 }
 // The logical [B, T, H, D] view of a tensor in kernel layout.
+// FiniteCheck set by set_finite_check or TOKMIX_FINITE_CHECK.
+std::atomic<int> g_finite_mode{-1};  // -1: not read from the environment yet
+FiniteCheck finite_mode() {
+  int m = g_finite_mode.load();
+  if (m < 0) {
+    const char* e = std::getenv("TOKMIX_FINITE_CHECK");
+    m = e && std::string(e) == "deferred" ? 1 : 0;
+    int expected = -1;
+    g_finite_mode.compare_exchange_strong(expected, m);
+    m = g_finite_mode.load();
+  }
+  return m == 1 ? FiniteCheck::Deferred : FiniteCheck::AtCall;
+}
 #ifdef TOKMIX_WITH_CUDA
 // After a CUDA kernel: its finiteness mask (bit per input, see kernels.h) or, when it checked
 // nothing (-1), a check of the inputs here. Each named input is checked, none is skipped.
@@ -253,6 +267,80 @@ void finite_or_throw(int32_t flags, std::initializer_list<std::pair<const Tensor
       bad(std::string(in.second) + " contains NaN or Inf; expected finite values");
     ++bit;
   }
+}
+
+// Deferred finiteness reports (FiniteCheck::Deferred): a pool of pinned slots, and the reports
+// in flight in call order, each with the event after which its slot holds the kernels' mask.
+struct PendingReport {
+  int slot;
+  void* event;
+  std::vector<std::pair<int, std::string>> names;  // bit -> input name
+};
+struct FlagPool {
+  static constexpr int kSlots = 1024;
+  std::mutex mu;
+  int32_t* host = nullptr;
+  std::vector<int> free_slots;
+  std::deque<PendingReport> pending;
+  ~FlagPool() {
+    for (auto& p : pending) kernels::event_destroy(p.event);
+    kernels::flag_slots_free(host);
+  }
+};
+FlagPool& flag_pool() {
+  static FlagPool pool;
+  return pool;
+}
+// Resolves reports in call order: with `wait`, all of them; else those whose work has finished.
+// Throws the first bad one (after it is removed, so the error is reported once).
+void resolve_reports(bool wait) {
+  FlagPool& pool = flag_pool();
+  std::string error;
+  {
+    std::lock_guard<std::mutex> lk(pool.mu);
+    while (!pool.pending.empty() && error.empty()) {
+      PendingReport& r = pool.pending.front();
+      if (!kernels::event_done(r.event, wait)) break;
+      const int32_t mask = pool.host[r.slot];
+      for (const auto& n : r.names)
+        if (mask & (1 << n.first)) {
+          error = n.second + " contains NaN or Inf; expected finite values (reported after the call: finiteness checks are deferred)";
+          break;
+        }
+      kernels::event_destroy(r.event);
+      pool.free_slots.push_back(r.slot);
+      pool.pending.pop_front();
+    }
+  }
+  if (!error.empty()) bad(error);
+}
+// A slot for the next CUDA call's report, or nullptr when reports are not deferred.
+int32_t* take_report_slot(int* slot) {
+  if (finite_mode() != FiniteCheck::Deferred) return nullptr;
+  resolve_reports(false);
+  FlagPool& pool = flag_pool();
+  for (;;) {
+    {
+      std::lock_guard<std::mutex> lk(pool.mu);
+      if (!pool.host) {
+        pool.host = kernels::flag_slots_alloc(FlagPool::kSlots);
+        for (int i = FlagPool::kSlots - 1; i >= 0; --i) pool.free_slots.push_back(i);
+      }
+      if (!pool.free_slots.empty()) {
+        *slot = pool.free_slots.back();
+        pool.free_slots.pop_back();
+        pool.host[*slot] = 0;
+        return pool.host + *slot;
+      }
+    }
+    resolve_reports(true);  // every slot in flight: wait for the oldest reports
+  }
+}
+void queue_report(int slot, void* stream, std::vector<std::pair<int, std::string>> names) {
+  FlagPool& pool = flag_pool();
+  void* ev = kernels::event_record(stream);
+  std::lock_guard<std::mutex> lk(pool.mu);
+  pool.pending.push_back(PendingReport{slot, ev, std::move(names)});
 }
 #endif
 Tensor from_heads(const Tensor& th) { return th.is_cuda() ? th : th.transpose(1, 2); }
@@ -439,9 +527,12 @@ class MixFunction : public torch::autograd::Function<MixFunction> {
       Tensor ws = torch::empty({kernels::mix_cuda_workspace_bytes(m, false)}, qh.options().dtype(torch::kUInt8));
       const int64_t tb = kernels::mix_cuda_saved_bytes(m);
       if (tb > 0) tables = torch::empty({tb}, qh.options().dtype(torch::kUInt8));
+      int slot = -1;
+      m.flags_out = kernels::mix_cuda_fast_path(m) ? take_report_slot(&slot) : nullptr;
       const int32_t flags = kernels::mix_forward_cuda(m, cptr(qh), cptr(kh), cptr(vh), cptr(b), cptr(g), mptr(yh), lse.data_ptr<float>(),
                                                       ws.data_ptr(), tb > 0 ? tables.data_ptr() : nullptr);
-      finite_or_throw(flags, {{&qh, "q"}, {&kh, "k"}, {&vh, "v"}});
+      if (m.flags_out) queue_report(slot, m.stream, {{0, "q"}, {1, "k"}, {2, "v"}});
+      else finite_or_throw(flags, {{&qh, "q"}, {&kh, "k"}, {&vh, "v"}});
       return;
 #else
       bad("this build has no CUDA backend (configure with -DTOKMIX_CUDA=ON)");
@@ -470,12 +561,15 @@ class MixFunction : public torch::autograd::Function<MixFunction> {
         bad("the saved coefficient tables are missing or of another size (" + std::to_string(tables.defined() ? tables.numel() : 0) +
             " bytes; expected " + std::to_string(tb) + ")");
       auto fptr = [](const Tensor& t) { return t.defined() && t.numel() > 0 ? t.data_ptr<float>() : nullptr; };
+      int slot = -1;
+      m.flags_out = kernels::mix_cuda_fast_path(m) ? take_report_slot(&slot) : nullptr;
       const int32_t flags = kernels::mix_backward_cuda(m, cptr(qh), cptr(kh), cptr(vh), cptr(b), cptr(g), cptr(yh), lse.data_ptr<float>(),
                                                        cptr(dyh), mptr(dq), mptr(dk), mptr(dv), fptr(dbias_u), fptr(dgate_u), ws.data_ptr(),
                                                        tb > 0 ? tables.data_ptr() : nullptr);
       // q, k, v were checked by the forward; dy is bit 3
       const Tensor none;
-      finite_or_throw(flags < 0 ? flags : (flags & 8), {{&none, "q"}, {&none, "k"}, {&none, "v"}, {&dyh, "dy"}});
+      if (m.flags_out) queue_report(slot, m.stream, {{3, "dy"}});
+      else finite_or_throw(flags < 0 ? flags : (flags & 8), {{&none, "q"}, {&none, "k"}, {&none, "v"}, {&dyh, "dy"}});
       return;
 #else
       bad("this build has no CUDA backend (configure with -DTOKMIX_CUDA=ON)");
@@ -490,6 +584,14 @@ class MixFunction : public torch::autograd::Function<MixFunction> {
 };
 
 }  // namespace
+
+void set_finite_check(FiniteCheck mode) { g_finite_mode.store(mode == FiniteCheck::Deferred ? 1 : 0); }
+FiniteCheck finite_check() { return finite_mode(); }
+void check_finite_pending() {
+#ifdef TOKMIX_WITH_CUDA
+  resolve_reports(true);
+#endif
+}
 
 std::shared_ptr<const Pattern> pattern_from_spec(const std::string& spec) {
   std::lock_guard<std::mutex> lk(g_pat_mu);

@@ -192,6 +192,7 @@ Scored score(nn::LanguageModelImpl& model, const data::Batch& b, torch::Device d
   s.loss_sum = torch::nn::functional::cross_entropy(
                    flat, lab, torch::nn::functional::CrossEntropyFuncOptions().ignore_index(data::kIgnore).reduction(torch::kSum))
                    .item<double>();
+  check_finite_pending();  // deferred reports of the mixers (the GPU is idle after item())
   Tensor mask = lab != data::kIgnore;
   s.supervised = mask.sum().item<int64_t>();
   const Tensor pred = flat.argmax(-1);
@@ -470,6 +471,21 @@ TrainResult train(const TrainOptions& o, bool resume, std::ostream* log, int64_t
   if (!root) log = nullptr;
   set_threads(dp && o.threads == 0 ? dp->default_threads() : o.threads);
   const torch::Device dev = dp ? dp->device() : torch::Device(o.device == "cuda" ? torch::kCUDA : torch::kCPU);
+  // On the GPU the mixers' finiteness reports are read where the step waits anyway (the loss,
+  // the gradient norm), not inside each mix call: same errors, no stream sync per call.
+  struct FiniteCheckScope {
+    FiniteCheck before = finite_check();
+    explicit FiniteCheckScope(bool gpu) {
+      if (gpu) set_finite_check(FiniteCheck::Deferred);
+    }
+    ~FiniteCheckScope() {
+      try {
+        check_finite_pending();
+      } catch (...) {  // already reported by the step, or the run is ending on another error
+      }
+      set_finite_check(before);
+    }
+  } finite_scope(dev.is_cuda());
   data::CorpusInfo corpus;
   const bool lm = !o.corpus.is_null();
   if (lm) {
@@ -566,6 +582,7 @@ TrainResult train(const TrainOptions& o, bool resume, std::ostream* log, int64_t
                      : torch::nn::functional::cross_entropy(flat_logits, flat_labels,
                                                             torch::nn::functional::CrossEntropyFuncOptions().ignore_index(data::kIgnore));
     double lv = loss.item<double>();
+    check_finite_pending();  // the forward's reports (the GPU is idle here after item())
     if (!std::isfinite(lv))
       throw std::runtime_error("training loss is " + std::to_string(lv) + " at step " + std::to_string(step) +
                                "; stopping (the last checkpoint is intact). Lower the learning rate or enable grad_clip.");
@@ -575,6 +592,7 @@ TrainResult train(const TrainOptions& o, bool resume, std::ostream* log, int64_t
     // the weights (and so the next checkpoint)
     const double gnorm = torch::nn::utils::clip_grad_norm_(model->parameters(),
                                                            o.grad_clip > 0 ? o.grad_clip : std::numeric_limits<double>::infinity());
+    check_finite_pending();  // the backward's reports, before the update
     if (!std::isfinite(gnorm))
       throw std::runtime_error("gradient norm is " + std::to_string(gnorm) + " at step " + std::to_string(step) +
                                "; stopping before the update (the last checkpoint is intact)");

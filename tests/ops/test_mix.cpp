@@ -519,6 +519,11 @@ TEST(Mix, BadInputGetsClearErrors) {
   auto vi = v.clone();
   vi[0][0][0][0] = std::numeric_limits<float>::infinity();
   has(error_of([&] { mix(q, k, vi, "pow2"); }), "v contains NaN or Inf");
+  // deferred reports are a GPU mode: CPU calls still check at the call
+  set_finite_check(FiniteCheck::Deferred);
+  has(error_of([&] { mix(qn, k, v, "pow2"); }), "q contains NaN or Inf");
+  EXPECT_NO_THROW(check_finite_pending());
+  set_finite_check(FiniteCheck::AtCall);
   MixOptions o;
   o.cu_seqlens = torch::tensor({0, 5, 3, 8});
   has(error_of([&] { mix(q, k, v, "pow2", o); }), "not increasing");

@@ -2532,8 +2532,13 @@ int64_t chain_vec(const CudaMix& m, const Plan& p, K kernel) {
   return 4;
 }
 
-// Reads the finiteness flags the kernels left (one small copy and a stream sync).
-int32_t read_flags(const int32_t* dflag, cudaStream_t st) {
+// Reads the finiteness flags the kernels left (one small copy and a stream sync), or, when the
+// caller defers the report (m.flags_out), only queues their copy to its pinned slot.
+int32_t read_flags(const CudaMix& m, const int32_t* dflag, cudaStream_t st) {
+  if (m.flags_out) {
+    TOKMIX_CU(cudaMemcpyAsync(m.flags_out, dflag, sizeof(int32_t), cudaMemcpyDeviceToHost, st));
+    return 0;
+  }
   int32_t h = 0;
   TOKMIX_CU(cudaMemcpyAsync(&h, dflag, sizeof(int32_t), cudaMemcpyDeviceToHost, st));
   TOKMIX_CU(cudaStreamSynchronize(st));
@@ -2603,7 +2608,7 @@ int32_t forward_t(const CudaMix& m, const T* q, const T* k, const T* v, const T*
         chain_forward<T, 4><<<g, kChainThreads, 0, st>>>(a, b.seqs, v, b.P, b.SRC, b.M, y, yf);
       TOKMIX_LAUNCHED("chain_forward");
     }
-    return read_flags(b.bad, st);
+    return read_flags(m, b.bad, st);
   }
   const size_t smg = sizeof(float) * (m.pb.Dk + 32);
   allow_smem(gen_forward<T>, smg);
@@ -2704,7 +2709,7 @@ int32_t backward_t(const CudaMix& m, const T* q, const T* k, const T* v, const T
         TOKMIX_LAUNCHED("dk_gather");
       }
     }
-    return read_flags(b.bad, st);
+    return read_flags(m, b.bad, st);
   }
   const size_t smg = sizeof(float) * (m.pb.Dk + m.pb.Dv + 32);
   allow_smem(gen_backward<T>, smg);
@@ -2813,6 +2818,33 @@ unsigned long long* decode_flags_alloc(int64_t n, unsigned long long** dev) {
   *dev = static_cast<unsigned long long*>(dp);
   return static_cast<unsigned long long*>(hp);
 }
+
+int32_t* flag_slots_alloc(int64_t n) {
+  void* hp = nullptr;
+  TOKMIX_CU(cudaHostAlloc(&hp, sizeof(int32_t) * static_cast<size_t>(std::max<int64_t>(n, 1)), cudaHostAllocPortable));
+  return static_cast<int32_t*>(hp);
+}
+void flag_slots_free(int32_t* host) {
+  if (host) cudaFreeHost(host);
+}
+void* event_record(void* stream) {
+  cudaEvent_t e;
+  TOKMIX_CU(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+  TOKMIX_CU(cudaEventRecord(e, static_cast<cudaStream_t>(stream)));
+  return e;
+}
+bool event_done(void* event, bool wait) {
+  cudaEvent_t e = static_cast<cudaEvent_t>(event);
+  if (wait) {
+    TOKMIX_CU(cudaEventSynchronize(e));
+    return true;
+  }
+  const cudaError_t r = cudaEventQuery(e);
+  if (r == cudaErrorNotReady) return false;
+  TOKMIX_CU(r);
+  return true;
+}
+void event_destroy(void* event) { cudaEventDestroy(static_cast<cudaEvent_t>(event)); }
 
 void decode_flags_free(unsigned long long* host) {
   if (host) cudaFreeHost(host);  // may run at exit after the context is gone: nothing to report then
