@@ -348,6 +348,7 @@ struct KArgs {
   // pointers do not allow 16-byte pieces) and whether rows allow 4-wide pieces (Dv % 4 == 0).
   int32_t lpk, lpv;
   int32_t* bad;  // bit 0: q, 1: k, 2: v, 3: dy held NaN/Inf (null: not checked here)
+  int32_t tc;    // chains may form the chunk product on tensor cores (16-bit storage)
 };
 
 __device__ __forceinline__ int64_t eoff(const Strides& s, const SeqInfo& q, int64_t t, int64_t h) {
@@ -886,12 +887,60 @@ __device__ __forceinline__ float4 parts_sum(float4 x) {
   return x;
 }
 
+// The chunk product on tensor cores (v13, one thread a row and 16 channels a block, 16-bit
+// storage): warp w forms rows 16 (w / 2) .. + 15 and channels 8 (w % 2) .. + 7 of M_c W (or
+// M_c^T W) with mma m16n8k8 in TF32 (10-bit mantissa: far below bfloat16's rounding of y),
+// skipping the k-steps where the triangular M_c is zero. Fragment layout (PTX ISA): lane = 4 gq
+// + tq; A rows gq, gq + 8 and columns tq, tq + 4; B rows tq, tq + 4, column gq; C rows gq, gq + 8,
+// columns 2 tq, 2 tq + 1.
+__device__ __forceinline__ uint32_t tf32(float x) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+  return r;
+}
+__device__ __forceinline__ void mma_tf32(float* c, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+// c (4 floats, C fragment) = rows [16 mi, 16 mi + 16) of Mc W (kTrans: Mc^T W), channels
+// [8 ni, 8 ni + 8) of W.
+template <bool kTrans, int kWP>
+__device__ __forceinline__ void chunk_product_tc(const float (*Mc)[kC + 4], const float (*W)[kWP], int mi, int ni, int lane, float* c) {
+  const int gq = lane >> 2, tq = lane & 3, r0 = 16 * mi + gq, n = 8 * ni + gq;
+  c[0] = c[1] = c[2] = c[3] = 0.f;
+  const int ks0 = kTrans ? 2 * mi : 0, ks1 = kTrans ? kC / 8 : 2 * mi + 2;  // M_c lower triangular
+  for (int ks = ks0; ks < ks1; ++ks) {
+    const int k0 = 8 * ks + tq;
+    uint32_t a0, a1, a2, a3;
+    if (kTrans) {
+      a0 = tf32(Mc[k0][r0]);
+      a1 = tf32(Mc[k0][r0 + 8]);
+      a2 = tf32(Mc[k0 + 4][r0]);
+      a3 = tf32(Mc[k0 + 4][r0 + 8]);
+    } else {
+      a0 = tf32(Mc[r0][k0]);
+      a1 = tf32(Mc[r0 + 8][k0]);
+      a2 = tf32(Mc[r0][k0 + 4]);
+      a3 = tf32(Mc[r0 + 8][k0 + 4]);
+    }
+    mma_tf32(c, a0, a1, a2, a3, tf32(W[k0][n]), tf32(W[k0 + 4][n]));
+  }
+}
+__device__ __forceinline__ void store2(float* p, float x, float y) { *reinterpret_cast<float2*>(p) = make_float2(x, y); }
+__device__ __forceinline__ void store2(__nv_bfloat16* p, float x, float y) {
+  *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(x, y);
+}
+__device__ __forceinline__ void store2(__half* p, float x, float y) { *reinterpret_cast<__half2*>(p) = __floats2half2_rn(x, y); }
+
 template <class T, int kG, int kS>
 __global__ void __launch_bounds__(kC * kG * kS, 2)
     chain_forward4(KArgs a, const SeqInfo* seqs, const T* v, const float* P, const int32_t* SRC, const float* M, T* y, float* yf) {
   constexpr int kW = 4 * kG, kN = kC * kG * kS, kNP = kNear / kS, kFP = kS == 1 ? kFarSlots / 2 : kFarSlots / kS;
   __shared__ __align__(16) float Ms[2][kC][kC + 4];
-  __shared__ __align__(16) float W[kC][kW];
+  constexpr bool kTC = kG == 4 && kS == 1 && sizeof(T) == 2;  // tensor-core product (see chunk_product_tc)
+  constexpr int kWP = kTC ? kW + 4 : kW;                        // padded: B fragments at most 2-way conflicts
+  __shared__ __align__(16) float W[kC][kWP];
   __shared__ __align__(16) float Yp[2][kC][kW];
   const SeqInfo sq = seqs[blockIdx.x];
   const int64_t h = blockIdx.y;
@@ -1007,19 +1056,37 @@ __global__ void __launch_bounds__(kC * kG * kS, 2)
       copy_tile_async(Ms[(c + 1) & 1], Mh + (c + 1) * a.H * kC * kC, threadIdx.x, kN);
       prefetch(c + 1);
     }
-    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
     const float(*Mc)[kC + 4] = Ms[c & 1];
-    if (row) {
+    if (kTC && a.tc) {
+      const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, mi = warp >> 1, ni = warp & 1;
+      float cf[4];
+      chunk_product_tc<false, kWP>(Mc, W, mi, ni, lane, cf);
+      const int ch = 8 * ni + 2 * (lane & 3);
+      const int64_t dch = static_cast<int64_t>(blockIdx.z) * kW + ch;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int r = 16 * mi + (lane >> 2) + 8 * half;
+        *reinterpret_cast<float2*>(&Yp[c & 1][r][ch]) = make_float2(cf[2 * half], cf[2 * half + 1]);
+        if (c0 + r < n32 && dch < a.Dv) {
+          const int64_t o = eoff(a.sy, sq, c0 + r, h) + dch;
+          if (copy) store2(yf + o, cf[2 * half], cf[2 * half + 1]);
+          store2(y + o, cf[2 * half], cf[2 * half + 1]);
+        }
+      }
+    } else {
+      float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (row) {
 #pragma unroll 4
-      for (int s2 = part; s2 <= t; s2 += kS) fma4(acc, Mc[t][s2], *reinterpret_cast<const float4*>(&W[s2][4 * g]));
+        for (int s2 = part; s2 <= t; s2 += kS) fma4(acc, Mc[t][s2], *reinterpret_cast<const float4*>(&W[s2][4 * g]));
+      }
+      acc = parts_sum<kS>(acc);
+      if (row && part == 0) {
+        const int64_t o = o0 + static_cast<int64_t>(i) * yst;
+        if (copy) *reinterpret_cast<float4*>(yf + o) = acc;
+        store4(y + o, acc);
+      }
+      if (part == 0) *reinterpret_cast<float4*>(&Yp[c & 1][t][4 * g]) = acc;
     }
-    acc = parts_sum<kS>(acc);
-    if (row && part == 0) {
-      const int64_t o = o0 + static_cast<int64_t>(i) * yst;
-      if (copy) *reinterpret_cast<float4*>(yf + o) = acc;
-      store4(y + o, acc);
-    }
-    if (part == 0) *reinterpret_cast<float4*>(&Yp[c & 1][t][4 * g]) = acc;
     __syncthreads();
   }
 }
@@ -1032,7 +1099,9 @@ __global__ void __launch_bounds__(kC * kG * kS, 2)
     chain_backward4(KArgs a, const SeqInfo* seqs, const T* dy, const float* P, const float* M, float* G) {
   constexpr int kW = 4 * kG, kN = kC * kG * kS, kNP = kNear / kS, kFP = kS == 1 ? kFarSlots / 2 : kFarSlots / kS;
   __shared__ __align__(16) float Ms[2][kC][kC + 4];
-  __shared__ __align__(16) float W[kC][kW];
+  constexpr bool kTC = kG == 4 && kS == 1 && sizeof(T) == 2;  // tensor-core product (see chunk_product_tc)
+  constexpr int kWP = kTC ? kW + 4 : kW;                        // padded: B fragments at most 2-way conflicts
+  __shared__ __align__(16) float W[kC][kWP];
   __shared__ __align__(16) float Gp[2][kC][kW];
   const SeqInfo sq = seqs[blockIdx.x];
   const int64_t h = blockIdx.y;
@@ -1129,15 +1198,31 @@ __global__ void __launch_bounds__(kC * kG * kS, 2)
       copy_tile_async(Ms[(c - 1) & 1], Mh + (c - 1) * a.H * kC * kC, threadIdx.x, kN);
       prefetch(c - 1);
     }
-    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
     const float(*Mc)[kC + 4] = Ms[c & 1];
-    if (row) {
+    if (kTC && a.tc) {
+      // rows past the sequence have W = 0 and finite M rows (chunk_inverse), so the full
+      // k-range is safe
+      const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, mi = warp >> 1, ni = warp & 1;
+      float cf[4];
+      chunk_product_tc<true, kWP>(Mc, W, mi, ni, lane, cf);
+      const int ch = 8 * ni + 2 * (lane & 3);
+      const int64_t dch = static_cast<int64_t>(blockIdx.z) * kW + ch;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int r = 16 * mi + (lane >> 2) + 8 * half;
+        *reinterpret_cast<float2*>(&Gp[c & 1][r][ch]) = make_float2(cf[2 * half], cf[2 * half + 1]);
+        if (r < nvalid && dch < a.Dv) store2(G + eoff(a.sy, sq, c0 + r, h) + dch, cf[2 * half], cf[2 * half + 1]);
+      }
+    } else {
+      float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (row) {
 #pragma unroll 4
-      for (int s2 = t + part; s2 < nvalid; s2 += kS) fma4(acc, Mc[s2][t], *reinterpret_cast<const float4*>(&W[s2][4 * g]));  // (M_c^T)[t][s2]
+        for (int s2 = t + part; s2 < nvalid; s2 += kS) fma4(acc, Mc[s2][t], *reinterpret_cast<const float4*>(&W[s2][4 * g]));  // (M_c^T)[t][s2]
+      }
+      acc = parts_sum<kS>(acc);
+      if (row && part == 0) *reinterpret_cast<float4*>(gbase + static_cast<int64_t>(i) * yst) = acc;
+      if (part == 0) *reinterpret_cast<float4*>(&Gp[c & 1][t][4 * g]) = acc;
     }
-    acc = parts_sum<kS>(acc);
-    if (row && part == 0) *reinterpret_cast<float4*>(gbase + static_cast<int64_t>(i) * yst) = acc;
-    if (part == 0) *reinterpret_cast<float4*>(&Gp[c & 1][t][4 * g]) = acc;
     __syncthreads();
   }
 }
@@ -2426,6 +2511,7 @@ Buffers carve(const CudaMix& m, const Plan& p, bool backward, void* ws, void* sa
   return b;
 }
 
+int variant_bits();
 KArgs kargs(const CudaMix& m, const Plan& p) {
   KArgs a;
   a.pat = m.dev_pat;
@@ -2446,12 +2532,13 @@ KArgs kargs(const CudaMix& m, const Plan& p) {
   a.cap = p.cap;
   a.lpk = a.lpv = 0;
   a.bad = nullptr;
+  a.tc = !(variant_bits() & 8);
   return a;
 }
 
 // TOKMIX_CUDA_VARIANT (measurements only): bit 0 selects the previous chains, bit 1 turns the
-// lane-group paths off, bit 2 the slab passes (v13), so that one run can time versions side by
-// side.
+// lane-group paths off, bit 2 the slab passes (v13), bit 3 the chains' tensor-core product
+// (v13), so that one run can time versions side by side.
 int variant_bits() {
   const char* e = std::getenv("TOKMIX_CUDA_VARIANT");
   return e ? std::atoi(e) : 0;
