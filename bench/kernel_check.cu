@@ -460,9 +460,9 @@ int main(int argc, char** argv) {
   }
   const bool check = !(argc > 1 && std::string(argv[1]) == "--bench-only");
   const auto t_start = std::chrono::steady_clock::now();
-  // default selection, then each chain forced: the (4, 1) layout, and the 512-thread chain with
-  // the v12 row passes (no slab passes, no tensor-core product)
-  const std::pair<const char*, const char*> passes[] = {{"", ""}, {"TOKMIX_CHAIN_G", "4"}, {"TOKMIX_CUDA_VARIANT", "13"}};
+  // default selection, then each chain forced: the (4, 1) and (2, 2) layouts, and the
+  // 512-thread chain with the v12 row passes (no slab passes, no tensor-core product)
+  const std::pair<const char*, const char*> passes[] = {{"", ""}, {"TOKMIX_CHAIN_G", "4"}, {"TOKMIX_CHAIN_G", "2"}, {"TOKMIX_CUDA_VARIANT", "13"}};
   for (const auto& pass : passes) {
     if (!check) break;
     if (*pass.first) {
@@ -495,7 +495,7 @@ int main(int argc, char** argv) {
     const char* env_g;
     const char* label;
   };
-  const V variants[] = {{"0", "", "auto"}, {"12", "", "v12 passes+product"}};
+  const V variants[] = {{"0", "", "auto"}, {"12", "", "v12 passes+product"}, {"0", "2", "chain (2, 2)"}};
   const int64_t shapes[][4] = {{4, 4096, 16, 64}, {2, 16384, 16, 128}, {1, 65536, 16, 64}};
   for (const auto& sh : shapes)
     for (const char* spec : {"pow2", "sq1-lattice"})

@@ -887,8 +887,8 @@ __device__ __forceinline__ float4 parts_sum(float4 x) {
   return x;
 }
 
-// The chunk product on tensor cores (v13, one thread a row and 16 channels a block, 16-bit
-// storage): warp w forms rows 16 (w / 2) .. + 15 and channels 8 (w % 2) .. + 7 of M_c W (or
+// The chunk product on tensor cores (v13, chains of 16 or 8 channels a block, 16-bit storage):
+// warp w forms rows 16 (w % 4) .. + 15 and channels 8 (w / 4) .. + 7 of M_c W (or
 // M_c^T W) with mma m16n8k8 in TF32 (10-bit mantissa: far below bfloat16's rounding of y),
 // skipping the k-steps where the triangular M_c is zero. Fragment layout (PTX ISA): lane = 4 gq
 // + tq; A rows gq, gq + 8 and columns tq, tq + 4; B rows tq, tq + 4, column gq; C rows gq, gq + 8,
@@ -938,7 +938,7 @@ __global__ void __launch_bounds__(kC * kG * kS, 2)
     chain_forward4(KArgs a, const SeqInfo* seqs, const T* v, const float* P, const int32_t* SRC, const float* M, T* y, float* yf) {
   constexpr int kW = 4 * kG, kN = kC * kG * kS, kNP = kNear / kS, kFP = kS == 1 ? kFarSlots / 2 : kFarSlots / kS;
   __shared__ __align__(16) float Ms[2][kC][kC + 4];
-  constexpr bool kTC = kG == 4 && kS == 1 && sizeof(T) == 2;  // tensor-core product (see chunk_product_tc)
+  constexpr bool kTC = kS * kG == 4 && kG >= 2 && sizeof(T) == 2;  // tensor-core product (see chunk_product_tc)
   constexpr int kWP = kTC ? kW + 4 : kW;                        // padded: B fragments at most 2-way conflicts
   __shared__ __align__(16) float W[kC][kWP];
   __shared__ __align__(16) float Yp[2][kC][kW];
@@ -1058,13 +1058,13 @@ __global__ void __launch_bounds__(kC * kG * kS, 2)
     }
     const float(*Mc)[kC + 4] = Ms[c & 1];
     if (kTC && a.tc) {
-      const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, mi = warp >> 1, ni = warp & 1;
+      const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, mi = warp & 3, ni = warp >> 2;
       float cf[4];
-      chunk_product_tc<false, kWP>(Mc, W, mi, ni, lane, cf);
+      if (8 * ni < kW) chunk_product_tc<false, kWP>(Mc, W, mi, ni, lane, cf);
       const int ch = 8 * ni + 2 * (lane & 3);
       const int64_t dch = static_cast<int64_t>(blockIdx.z) * kW + ch;
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
+      for (int half = 0; half < 2 && 8 * ni < kW; ++half) {
         const int r = 16 * mi + (lane >> 2) + 8 * half;
         *reinterpret_cast<float2*>(&Yp[c & 1][r][ch]) = make_float2(cf[2 * half], cf[2 * half + 1]);
         if (c0 + r < n32 && dch < a.Dv) {
@@ -1099,7 +1099,7 @@ __global__ void __launch_bounds__(kC * kG * kS, 2)
     chain_backward4(KArgs a, const SeqInfo* seqs, const T* dy, const float* P, const float* M, float* G) {
   constexpr int kW = 4 * kG, kN = kC * kG * kS, kNP = kNear / kS, kFP = kS == 1 ? kFarSlots / 2 : kFarSlots / kS;
   __shared__ __align__(16) float Ms[2][kC][kC + 4];
-  constexpr bool kTC = kG == 4 && kS == 1 && sizeof(T) == 2;  // tensor-core product (see chunk_product_tc)
+  constexpr bool kTC = kS * kG == 4 && kG >= 2 && sizeof(T) == 2;  // tensor-core product (see chunk_product_tc)
   constexpr int kWP = kTC ? kW + 4 : kW;                        // padded: B fragments at most 2-way conflicts
   __shared__ __align__(16) float W[kC][kWP];
   __shared__ __align__(16) float Gp[2][kC][kW];
@@ -1202,13 +1202,13 @@ __global__ void __launch_bounds__(kC * kG * kS, 2)
     if (kTC && a.tc) {
       // rows past the sequence have W = 0 and finite M rows (chunk_inverse), so the full
       // k-range is safe
-      const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, mi = warp >> 1, ni = warp & 1;
+      const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, mi = warp & 3, ni = warp >> 2;
       float cf[4];
-      chunk_product_tc<true, kWP>(Mc, W, mi, ni, lane, cf);
+      if (8 * ni < kW) chunk_product_tc<true, kWP>(Mc, W, mi, ni, lane, cf);
       const int ch = 8 * ni + 2 * (lane & 3);
       const int64_t dch = static_cast<int64_t>(blockIdx.z) * kW + ch;
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
+      for (int half = 0; half < 2 && 8 * ni < kW; ++half) {
         const int r = 16 * mi + (lane >> 2) + 8 * half;
         *reinterpret_cast<float2*>(&Gp[c & 1][r][ch]) = make_float2(cf[2 * half], cf[2 * half + 1]);
         if (r < nvalid && dch < a.Dv) store2(G + eoff(a.sy, sq, c0 + r, h) + dch, cf[2 * half], cf[2 * half + 1]);
@@ -2572,8 +2572,12 @@ bool chain4_ok(const CudaMix& m, int64_t esize, std::initializer_list<const void
 // on each step's chain) such that every block is resident at once (a second wave would run the
 // whole sequential chain again); 0 when even kG = 4 does not fit (the 512-thread chain then).
 // TOKMIX_CHAIN_G = 1, 2 or 4 forces a layout (measurements, checks).
+// one_per_sm (backward): first look for a layout with at most one block per SM; measured at
+// (1, 65536, 16, 64) (v13, ncu): the backward chain takes 3.13 ms with (2, 2) at one block a
+// SM against 3.84 ms with (1, 4) at two (more instructions a warp, but half the warps sharing
+// each scheduler); the forward chain gains nothing (4.14 against 4.09 ms).
 template <class K1, class K2, class K4>
-int chain4_groups(const CudaMix& m, const Plan& p, K1 k1, K2 k2, K4 k4) {
+int chain4_groups(const CudaMix& m, const Plan& p, K1 k1, K2 k2, K4 k4, bool one_per_sm = false) {
   if (const char* env = std::getenv("TOKMIX_CHAIN_G")) {
     const int g = std::atoi(env);
     if (g == 1 || g == 2 || g == 4) return g;
@@ -2589,6 +2593,9 @@ int chain4_groups(const CudaMix& m, const Plan& p, K1 k1, K2 k2, K4 k4) {
     return static_cast<int64_t>(per_sm) * sms;
   };
   auto blocks = [&](int g) { return p.nseq * m.pb.H * ((m.pb.Dv + 4 * g - 1) / (4 * g)); };
+  if (one_per_sm)
+    for (int g : {1, 2, 4})
+      if (blocks(g) <= std::min<int64_t>(resident(g), sms)) return g;
   for (int g : {1, 2, 4})
     if (blocks(g) <= resident(g)) return g;
   return 0;
@@ -2727,7 +2734,7 @@ int32_t backward_t(const CudaMix& m, const T* q, const T* k, const T* v, const T
     // P, SRC and M come from the forward (`saved`)
     const int64_t ny = m.pb.batch * m.pb.T * m.pb.H * m.pb.Dv;
     const int g = !lattice && chain4_ok(m, sizeof(T), {dy})
-                      ? chain4_groups(m, p, chain_backward4<T, 1, 4>, chain_backward4<T, 2, 2>, chain_backward4<T, 4, 1>)
+                      ? chain4_groups(m, p, chain_backward4<T, 1, 4>, chain_backward4<T, 2, 2>, chain_backward4<T, 4, 1>, true)
                       : 0;
     if (g > 0) {
       const dim3 grid(p.nseq, m.pb.H, (m.pb.Dv + 4 * g - 1) / (4 * g));
