@@ -482,8 +482,11 @@ int main(int argc, char** argv) {
         check_case({s, "softmax", 1, 37, 3, 12, 12, true, 0.7, {}}, bf);
         check_case({s, "softmax", 1, 150, 2, 32, 20, true, 0.8, {}}, bf);
         check_case({s, "softmax", 1, 0, 2, 16, 16, false, 1.0, {300, 64, 1, 129}}, bf);
+        check_case({s, "softmax", 1, 0, 2, 64, 64, true, 0.9, {300, 64, 1, 129}}, bf);  // packed, slab widths
       }
       for (const char* s : {"pow2", "sq1-lattice", "pow2-lattice", "sq1"}) check_case({s, "softmax", 1, 1500, 2, 32, 32, false, 1.0, {}}, bf);
+      // sq1 at T = 700: 28 entries a row, the slab passes' 32-entry form at D = 64
+      for (const char* s : {"sq1", "f:1,2,3,5,8,13,21,34,55,89,144,233,377,610"}) check_case({s, "softmax", 2, 700, 2, 64, 64, true, 1.0, {}}, bf);
       for (const char* s : {"pow2", "sq1-lattice"}) check_nan_flags(s, bf);
     }
     std::printf("kernel check: %d passed, %d failed (%.1f s)\n", g_pass, g_fail, std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count());

@@ -241,7 +241,6 @@ Tensor to_heads(const Tensor& t, const char* name) {
   check_finite(t, name);
   return t.transpose(1, 2).contiguous();
 }
-// The logical [B, T, H, D] view of a tensor in kernel layout.
 // FiniteCheck set by set_finite_check or TOKMIX_FINITE_CHECK.
 std::atomic<int> g_finite_mode{-1};  // -1: not read from the environment yet
 FiniteCheck finite_mode() {
@@ -292,33 +291,54 @@ FlagPool& flag_pool() {
   return pool;
 }
 // Resolves reports in call order: with `wait`, all of them; else those whose work has finished.
-// Throws the first bad one (after it is removed, so the error is reported once).
+// The first bad one is thrown once every report then pending has been drained, so that the
+// outputs a bad input spread to (later layers' reports) do not fail later, unrelated calls.
+// Events are waited on outside the lock (other threads' calls, autograd's, go on meanwhile).
 void resolve_reports(bool wait) {
   FlagPool& pool = flag_pool();
   std::string error;
-  {
-    std::lock_guard<std::mutex> lk(pool.mu);
-    while (!pool.pending.empty() && error.empty()) {
-      PendingReport& r = pool.pending.front();
-      if (!kernels::event_done(r.event, wait)) break;
-      const int32_t mask = pool.host[r.slot];
-      for (const auto& n : r.names)
-        if (mask & (1 << n.first)) {
-          error = n.second + " contains NaN or Inf; expected finite values (reported after the call: finiteness checks are deferred)";
-          break;
-        }
-      kernels::event_destroy(r.event);
-      pool.free_slots.push_back(r.slot);
+  int more = 0;
+  for (;;) {
+    PendingReport r;
+    {
+      std::lock_guard<std::mutex> lk(pool.mu);
+      if (pool.pending.empty()) break;
+      if (!wait && error.empty() && !kernels::event_done(pool.pending.front().event, false)) break;
+      r = std::move(pool.pending.front());
       pool.pending.pop_front();
     }
+    bool ok = true;
+    try {
+      kernels::event_done(r.event, true);
+    } catch (...) {  // a failed stream: the report is lost with it; the caller's CUDA error says why
+      ok = false;
+    }
+    std::lock_guard<std::mutex> lk(pool.mu);
+    const int32_t mask = ok ? pool.host[r.slot] : 0;
+    for (const auto& n : r.names)
+      if (mask & (1 << n.first)) {
+        if (error.empty())
+          error = n.second + " contains NaN or Inf; expected finite values (reported after the call: finiteness checks are deferred)";
+        else
+          ++more;
+        break;
+      }
+    kernels::event_destroy(r.event);
+    pool.free_slots.push_back(r.slot);
   }
-  if (!error.empty()) bad(error);
+  if (!error.empty()) bad(more ? error + "; " + std::to_string(more) + " later call(s) reported non-finite inputs too" : error);
 }
-// A slot for the next CUDA call's report, or nullptr when reports are not deferred.
+// A slot for the next CUDA call's report, or nullptr when reports are not deferred. Reports
+// left from an earlier deferred period are resolved either way.
 int32_t* take_report_slot(int* slot) {
-  if (finite_mode() != FiniteCheck::Deferred) return nullptr;
-  resolve_reports(false);
   FlagPool& pool = flag_pool();
+  bool any;
+  {
+    std::lock_guard<std::mutex> lk(pool.mu);
+    any = !pool.pending.empty();
+  }
+  if (any) resolve_reports(false);
+  if (finite_mode() != FiniteCheck::Deferred) return nullptr;
   for (;;) {
     {
       std::lock_guard<std::mutex> lk(pool.mu);
@@ -332,17 +352,33 @@ int32_t* take_report_slot(int* slot) {
         pool.host[*slot] = 0;
         return pool.host + *slot;
       }
+      if (pool.pending.empty()) throw std::logic_error("tokmix: every finiteness report slot is taken and none is pending");
     }
-    resolve_reports(true);  // every slot in flight: wait for the oldest reports
+    resolve_reports(true);  // every slot in flight: wait for the reports
   }
+}
+// Gives a slot back when its call failed before queueing a report.
+void release_report_slot(int slot) {
+  if (slot < 0) return;
+  FlagPool& pool = flag_pool();
+  std::lock_guard<std::mutex> lk(pool.mu);
+  pool.free_slots.push_back(slot);
 }
 void queue_report(int slot, void* stream, std::vector<std::pair<int, std::string>> names) {
   FlagPool& pool = flag_pool();
-  void* ev = kernels::event_record(stream);
-  std::lock_guard<std::mutex> lk(pool.mu);
-  pool.pending.push_back(PendingReport{slot, ev, std::move(names)});
+  void* ev = nullptr;
+  try {
+    ev = kernels::event_record(stream);
+    std::lock_guard<std::mutex> lk(pool.mu);
+    pool.pending.push_back(PendingReport{slot, ev, std::move(names)});
+  } catch (...) {
+    if (ev) kernels::event_destroy(ev);
+    release_report_slot(slot);
+    throw;
+  }
 }
 #endif
+// The logical [B, T, H, D] view of a tensor in kernel layout.
 Tensor from_heads(const Tensor& th) { return th.is_cuda() ? th : th.transpose(1, 2); }
 kernels::Strides heads_strides(const Tensor& th) {  // th is [B, H, T, D] contiguous ([B, T, H, D] on CUDA)
   if (th.is_cuda()) return {th.stride(0), th.stride(1), th.stride(2)};
@@ -529,8 +565,14 @@ class MixFunction : public torch::autograd::Function<MixFunction> {
       if (tb > 0) tables = torch::empty({tb}, qh.options().dtype(torch::kUInt8));
       int slot = -1;
       m.flags_out = kernels::mix_cuda_fast_path(m) ? take_report_slot(&slot) : nullptr;
-      const int32_t flags = kernels::mix_forward_cuda(m, cptr(qh), cptr(kh), cptr(vh), cptr(b), cptr(g), mptr(yh), lse.data_ptr<float>(),
-                                                      ws.data_ptr(), tb > 0 ? tables.data_ptr() : nullptr);
+      int32_t flags = 0;
+      try {
+        flags = kernels::mix_forward_cuda(m, cptr(qh), cptr(kh), cptr(vh), cptr(b), cptr(g), mptr(yh), lse.data_ptr<float>(), ws.data_ptr(),
+                                          tb > 0 ? tables.data_ptr() : nullptr);
+      } catch (...) {
+        release_report_slot(slot);  // no copy was queued: the call failed before its last step
+        throw;
+      }
       if (m.flags_out) queue_report(slot, m.stream, {{0, "q"}, {1, "k"}, {2, "v"}});
       else finite_or_throw(flags, {{&qh, "q"}, {&kh, "k"}, {&vh, "v"}});
       return;
@@ -563,9 +605,15 @@ class MixFunction : public torch::autograd::Function<MixFunction> {
       auto fptr = [](const Tensor& t) { return t.defined() && t.numel() > 0 ? t.data_ptr<float>() : nullptr; };
       int slot = -1;
       m.flags_out = kernels::mix_cuda_fast_path(m) ? take_report_slot(&slot) : nullptr;
-      const int32_t flags = kernels::mix_backward_cuda(m, cptr(qh), cptr(kh), cptr(vh), cptr(b), cptr(g), cptr(yh), lse.data_ptr<float>(),
-                                                       cptr(dyh), mptr(dq), mptr(dk), mptr(dv), fptr(dbias_u), fptr(dgate_u), ws.data_ptr(),
-                                                       tb > 0 ? tables.data_ptr() : nullptr);
+      int32_t flags = 0;
+      try {
+        flags = kernels::mix_backward_cuda(m, cptr(qh), cptr(kh), cptr(vh), cptr(b), cptr(g), cptr(yh), lse.data_ptr<float>(), cptr(dyh),
+                                           mptr(dq), mptr(dk), mptr(dv), fptr(dbias_u), fptr(dgate_u), ws.data_ptr(),
+                                           tb > 0 ? tables.data_ptr() : nullptr);
+      } catch (...) {
+        release_report_slot(slot);
+        throw;
+      }
       // q, k, v were checked by the forward; dy is bit 3
       const Tensor none;
       if (m.flags_out) queue_report(slot, m.stream, {{3, "dy"}});

@@ -677,6 +677,7 @@ TrainResult train(const TrainOptions& o, bool resume, std::ostream* log, int64_t
     }
     std::ofstream(fs::path(o.out) / "result.json") << r.dump(2) << "\n";
   }
+  check_finite_pending();  // nothing deferred is left for the scope's destructor to drop
   return res;
 }
 

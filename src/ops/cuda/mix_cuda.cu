@@ -28,6 +28,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #ifndef TOKMIX_WITH_CUDA
@@ -890,7 +891,8 @@ __device__ __forceinline__ float4 parts_sum(float4 x) {
 // The chunk product on tensor cores (v13, chains of 16 or 8 channels a block, 16-bit storage):
 // warp w forms rows 16 (w % 4) .. + 15 and channels 8 (w / 4) .. + 7 of M_c W (or
 // M_c^T W) with mma m16n8k8 in TF32 (10-bit mantissa: far below bfloat16's rounding of y),
-// skipping the k-steps where the triangular M_c is zero. Fragment layout (PTX ISA): lane = 4 gq
+// skipping the k-steps where the triangular M_c is zero. bfloat16 only: float16 keeps 10
+// mantissa bits, as many as TF32, so its y would carry the product's rounding. Fragment layout (PTX ISA): lane = 4 gq
 // + tq; A rows gq, gq + 8 and columns tq, tq + 4; B rows tq, tq + 4, column gq; C rows gq, gq + 8,
 // columns 2 tq, 2 tq + 1.
 __device__ __forceinline__ uint32_t tf32(float x) {
@@ -938,7 +940,7 @@ __global__ void __launch_bounds__(kC * kG * kS, 2)
     chain_forward4(KArgs a, const SeqInfo* seqs, const T* v, const float* P, const int32_t* SRC, const float* M, T* y, float* yf) {
   constexpr int kW = 4 * kG, kN = kC * kG * kS, kNP = kNear / kS, kFP = kS == 1 ? kFarSlots / 2 : kFarSlots / kS;
   __shared__ __align__(16) float Ms[2][kC][kC + 4];
-  constexpr bool kTC = kS * kG == 4 && kG >= 2 && sizeof(T) == 2;  // tensor-core product (see chunk_product_tc)
+  constexpr bool kTC = kS * kG == 4 && kG >= 2 && std::is_same<T, __nv_bfloat16>::value;  // tensor cores: chunk_product_tc
   constexpr int kWP = kTC ? kW + 4 : kW;                        // padded: B fragments at most 2-way conflicts
   __shared__ __align__(16) float W[kC][kWP];
   __shared__ __align__(16) float Yp[2][kC][kW];
@@ -1099,7 +1101,7 @@ __global__ void __launch_bounds__(kC * kG * kS, 2)
     chain_backward4(KArgs a, const SeqInfo* seqs, const T* dy, const float* P, const float* M, float* G) {
   constexpr int kW = 4 * kG, kN = kC * kG * kS, kNP = kNear / kS, kFP = kS == 1 ? kFarSlots / 2 : kFarSlots / kS;
   __shared__ __align__(16) float Ms[2][kC][kC + 4];
-  constexpr bool kTC = kS * kG == 4 && kG >= 2 && sizeof(T) == 2;  // tensor-core product (see chunk_product_tc)
+  constexpr bool kTC = kS * kG == 4 && kG >= 2 && std::is_same<T, __nv_bfloat16>::value;  // tensor cores: chunk_product_tc
   constexpr int kWP = kTC ? kW + 4 : kW;                        // padded: B fragments at most 2-way conflicts
   __shared__ __align__(16) float W[kC][kWP];
   __shared__ __align__(16) float Gp[2][kC][kW];
@@ -2557,7 +2559,10 @@ int32_t lanes_per_row(int64_t width, int64_t esize, std::initializer_list<std::p
 // Whether the slab passes (v13) serve this problem: offsets in B, at most 32 entries a row,
 // 16-byte pieces of q and k, Dk = 64 or 128 (a.lpk = 8 or 16). TOKMIX_CUDA_VARIANT bit 2 turns them off.
 bool slab_ok(const CudaMix& m, const KArgs& a) {
-  return m.host_pat.B.kind == SupportKind::Offsets && m.nbl + 1 <= 32 && (a.lpk == 8 || a.lpk == 16) && !(variant_bits() & 4);
+  // 16-bit storage: at float32 the gathered pieces double and grad_slab spills (ptxas: ~1 KB a
+  // thread), so float32 keeps the v12 passes
+  return m.host_pat.B.kind == SupportKind::Offsets && m.nbl + 1 <= 32 && (a.lpk == 8 || a.lpk == 16) && m.dtype != DType::F32 &&
+         !(variant_bits() & 4);
 }
 // Whether the 4-channel chains serve v, y (or dy) and the float32 copies.
 bool chain4_ok(const CudaMix& m, int64_t esize, std::initializer_list<const void*> ptrs) {
@@ -2934,7 +2939,10 @@ bool event_done(void* event, bool wait) {
     return true;
   }
   const cudaError_t r = cudaEventQuery(e);
-  if (r == cudaErrorNotReady) return false;
+  if (r == cudaErrorNotReady) {
+    (void)cudaGetLastError();  // not an error: keep it from surfacing at the next launch check
+    return false;
+  }
   TOKMIX_CU(r);
   return true;
 }
