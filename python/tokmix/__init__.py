@@ -121,6 +121,26 @@ def pattern_info(pattern, n):
     return json.loads(ops.pattern_info(pattern, int(n)))
 
 
+def set_finite_check(mode):
+    """When CUDA calls report NaN or Inf in q, k, v or the upstream gradient. "at_call" (the
+    default): each call waits for its kernels and raises. "deferred": the report is queued behind
+    the kernels and the call returns at once (no stream sync); it raises, naming the input, at
+    the next mix call whose GPU work has finished or at check_finite_pending(). Call that where
+    the step waits anyway (after loss.item(), after clipping the gradients). CPU calls always
+    check at the call."""
+    ops.set_finite_check(str(mode))
+
+
+def finite_check():
+    """The current mode: "at_call" or "deferred"."""
+    return ops.finite_check()
+
+
+def check_finite_pending():
+    """Waits for the GPU work of every deferred report and raises the first bad one."""
+    ops.check_finite_pending()
+
+
 def has_cuda_backend():
     """True when the library was built with the CUDA backend (TOKMIX_CUDA)."""
     return bool(ops.has_cuda_backend())

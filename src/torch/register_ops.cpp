@@ -217,6 +217,15 @@ Tensor model_decode(c10::string_view path, const Tensor& prompts, const Tensor& 
   return torch::stack(out, 1);
 }
 
+// When CUDA calls report NaN/Inf in their inputs (tokmix::FiniteCheck): "at_call" or "deferred".
+void set_finite_check_op(const std::string& mode) {
+  if (mode == "at_call") tokmix::set_finite_check(tokmix::FiniteCheck::AtCall);
+  else if (mode == "deferred") tokmix::set_finite_check(tokmix::FiniteCheck::Deferred);
+  else throw std::invalid_argument("tokmix.set_finite_check: mode '" + mode + "' is not known; expected 'at_call' or 'deferred'");
+}
+std::string finite_check_op() { return tokmix::finite_check() == tokmix::FiniteCheck::Deferred ? "deferred" : "at_call"; }
+void check_finite_pending_op() { tokmix::check_finite_pending(); }
+
 int64_t has_cuda_backend() {
 #ifdef TOKMIX_WITH_CUDA
   return 1;
@@ -252,6 +261,9 @@ TORCH_LIBRARY(tokmix, m) {
   m.def("model_forward(str path, Tensor tokens) -> Tensor", &model_forward);
   m.def("model_decode(str path, Tensor prompts, Tensor tokens) -> Tensor", &model_decode);
   m.def("has_cuda_backend() -> int", &has_cuda_backend);
+  m.def("set_finite_check(str mode) -> ()", &set_finite_check_op);
+  m.def("finite_check() -> str", &finite_check_op);
+  m.def("check_finite_pending() -> ()", &check_finite_pending_op);
 }
 
 TORCH_LIBRARY_IMPL(tokmix, CPU, m) {

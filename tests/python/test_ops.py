@@ -183,6 +183,24 @@ def test_bad_arguments_carry_the_cpp_messages():
         tokmix.mix(q, q, q, 5)
 
 
+def test_finite_check_modes():
+    """Deferred reports are a CUDA mode: CPU calls still raise at the call, nothing is left
+    pending, and a bad mode name is refused with the accepted ones."""
+    assert tokmix.finite_check() == "at_call"
+    q = torch.randn(1, 9, 2, 4, dtype=torch.float64)
+    q[0, 3, 1, 2] = float("nan")
+    tokmix.set_finite_check("deferred")
+    try:
+        assert tokmix.finite_check() == "deferred"
+        with pytest.raises((RuntimeError, ValueError), match="q contains NaN or Inf"):
+            tokmix.mix(q, q.clone(), q.clone(), "pow2")
+        tokmix.check_finite_pending()
+    finally:
+        tokmix.set_finite_check("at_call")
+    with pytest.raises((RuntimeError, ValueError), match="expected .at_call. or .deferred."):
+        tokmix.set_finite_check("later")
+
+
 cuda_only = pytest.mark.skipif(not (torch.cuda.is_available() and tokmix.has_cuda_backend()),
                                reason="needs a CUDA device and a library built with TOKMIX_CUDA")
 
@@ -204,6 +222,23 @@ def test_cuda_matches_cpu_float64(pattern, mode):
 
     for got, want in zip(run("cuda", torch.float32), run("cpu", torch.float64)):
         assert torch.allclose(got.double().cpu(), want, atol=2e-4, rtol=2e-3), f"{pattern} {mode}, seed {seed}"
+
+
+@cuda_only
+def test_cuda_deferred_finite_reports():
+    """A NaN in v with deferred reports: the call returns, check_finite_pending() raises with
+    the input's name, and a clean call afterwards reports nothing."""
+    q, k, v = (torch.randn(1, 300, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    v[0, 17, 1, 5] = float("nan")
+    tokmix.set_finite_check("deferred")
+    try:
+        tokmix.mix(q, k, v, "pow2")
+        with pytest.raises((RuntimeError, ValueError), match="v contains NaN or Inf"):
+            tokmix.check_finite_pending()
+        tokmix.mix(q, k, k.clone(), "pow2")
+        tokmix.check_finite_pending()
+    finally:
+        tokmix.set_finite_check("at_call")
 
 
 @cuda_only
