@@ -332,12 +332,7 @@ void resolve_reports(bool wait) {
 // left from an earlier deferred period are resolved either way.
 int32_t* take_report_slot(int* slot) {
   FlagPool& pool = flag_pool();
-  bool any;
-  {
-    std::lock_guard<std::mutex> lk(pool.mu);
-    any = !pool.pending.empty();
-  }
-  if (any) resolve_reports(false);
+  resolve_reports(false);
   if (finite_mode() != FiniteCheck::Deferred) return nullptr;
   for (;;) {
     {
@@ -376,6 +371,23 @@ void queue_report(int slot, void* stream, std::vector<std::pair<int, std::string
     release_report_slot(slot);
     throw;
   }
+}
+// Runs a CUDA forward or backward call with its finiteness report deferred when the mode says
+// so (chunked solver only: the generic one checks nothing and returns -1). Returns the call's
+// mask, or 0 once its report is queued.
+template <class Call>
+int32_t run_reported(kernels::CudaMix& m, std::vector<std::pair<int, std::string>> names, Call&& call) {
+  int slot = -1;
+  m.flags_out = kernels::mix_cuda_fast_path(m) ? take_report_slot(&slot) : nullptr;
+  int32_t flags = 0;
+  try {
+    flags = call();
+  } catch (...) {
+    release_report_slot(slot);  // no copy was queued: the call failed before its last step
+    throw;
+  }
+  if (m.flags_out) queue_report(slot, m.stream, std::move(names));
+  return flags;
 }
 #endif
 // The logical [B, T, H, D] view of a tensor in kernel layout.
@@ -563,18 +575,11 @@ class MixFunction : public torch::autograd::Function<MixFunction> {
       Tensor ws = torch::empty({kernels::mix_cuda_workspace_bytes(m, false)}, qh.options().dtype(torch::kUInt8));
       const int64_t tb = kernels::mix_cuda_saved_bytes(m);
       if (tb > 0) tables = torch::empty({tb}, qh.options().dtype(torch::kUInt8));
-      int slot = -1;
-      m.flags_out = kernels::mix_cuda_fast_path(m) ? take_report_slot(&slot) : nullptr;
-      int32_t flags = 0;
-      try {
-        flags = kernels::mix_forward_cuda(m, cptr(qh), cptr(kh), cptr(vh), cptr(b), cptr(g), mptr(yh), lse.data_ptr<float>(), ws.data_ptr(),
-                                          tb > 0 ? tables.data_ptr() : nullptr);
-      } catch (...) {
-        release_report_slot(slot);  // no copy was queued: the call failed before its last step
-        throw;
-      }
-      if (m.flags_out) queue_report(slot, m.stream, {{0, "q"}, {1, "k"}, {2, "v"}});
-      else finite_or_throw(flags, {{&qh, "q"}, {&kh, "k"}, {&vh, "v"}});
+      const int32_t flags = run_reported(m, {{0, "q"}, {1, "k"}, {2, "v"}}, [&] {
+        return kernels::mix_forward_cuda(m, cptr(qh), cptr(kh), cptr(vh), cptr(b), cptr(g), mptr(yh), lse.data_ptr<float>(), ws.data_ptr(),
+                                         tb > 0 ? tables.data_ptr() : nullptr);
+      });
+      finite_or_throw(flags, {{&qh, "q"}, {&kh, "k"}, {&vh, "v"}});
       return;
 #else
       bad("this build has no CUDA backend (configure with -DTOKMIX_CUDA=ON)");
@@ -603,21 +608,14 @@ class MixFunction : public torch::autograd::Function<MixFunction> {
         bad("the saved coefficient tables are missing or of another size (" + std::to_string(tables.defined() ? tables.numel() : 0) +
             " bytes; expected " + std::to_string(tb) + ")");
       auto fptr = [](const Tensor& t) { return t.defined() && t.numel() > 0 ? t.data_ptr<float>() : nullptr; };
-      int slot = -1;
-      m.flags_out = kernels::mix_cuda_fast_path(m) ? take_report_slot(&slot) : nullptr;
-      int32_t flags = 0;
-      try {
-        flags = kernels::mix_backward_cuda(m, cptr(qh), cptr(kh), cptr(vh), cptr(b), cptr(g), cptr(yh), lse.data_ptr<float>(), cptr(dyh),
-                                           mptr(dq), mptr(dk), mptr(dv), fptr(dbias_u), fptr(dgate_u), ws.data_ptr(),
-                                           tb > 0 ? tables.data_ptr() : nullptr);
-      } catch (...) {
-        release_report_slot(slot);
-        throw;
-      }
+      const int32_t flags = run_reported(m, {{3, "dy"}}, [&] {
+        return kernels::mix_backward_cuda(m, cptr(qh), cptr(kh), cptr(vh), cptr(b), cptr(g), cptr(yh), lse.data_ptr<float>(), cptr(dyh),
+                                          mptr(dq), mptr(dk), mptr(dv), fptr(dbias_u), fptr(dgate_u), ws.data_ptr(),
+                                          tb > 0 ? tables.data_ptr() : nullptr);
+      });
       // q, k, v were checked by the forward; dy is bit 3
       const Tensor none;
-      if (m.flags_out) queue_report(slot, m.stream, {{3, "dy"}});
-      else finite_or_throw(flags < 0 ? flags : (flags & 8), {{&none, "q"}, {&none, "k"}, {&none, "v"}, {&dyh, "dy"}});
+      finite_or_throw(flags < 0 ? flags : (flags & 8), {{&none, "q"}, {&none, "k"}, {&none, "v"}, {&dyh, "dy"}});
       return;
 #else
       bad("this build has no CUDA backend (configure with -DTOKMIX_CUDA=ON)");

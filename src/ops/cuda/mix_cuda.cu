@@ -1713,14 +1713,8 @@ __device__ __forceinline__ int slab_count(const int32_t* fl, int32_t lim) {
   for (int e = 1; e < kSMax; ++e) cnt += fl[e] <= lim ? 1 : 0;
   return cnt;
 }
-template <int kL>
-__device__ __forceinline__ float lanes_sum(float v) {
-#pragma unroll
-  for (int o = kL >> 1; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
 // x[j kL + sub] for this lane's sub (a select chain: no local memory for a register array).
-template <int kL, int kN>
+template <int kL>
 __device__ __forceinline__ float lane_pick(const float* x, int j, int sub) {
   float r = 0.f;
 #pragma unroll
@@ -1775,7 +1769,7 @@ __global__ void __launch_bounds__(kRowWarps * 32, 2)
 #pragma unroll
       for (int u = 0; u < kSB; ++u) {
         const int e = b0 + u;
-        const float s = lanes_sum<kL>(e < cnt ? dot_piece(qv, x[u]) : 0.f);
+        const float s = group_sum(e < cnt ? dot_piece(qv, x[u]) : 0.f, kL);
         if (e < cnt) sc[e] = (softmax ? a.scale * s : s) + bl[e];
       }
       if (b0 == 0 && softmax && a.bad && cnt > 0 && !finite_piece(x[0])) atomicOr(a.bad, 2);
@@ -1794,7 +1788,7 @@ __global__ void __launch_bounds__(kRowWarps * 32, 2)
 #pragma unroll
     for (int j = 0; j < (kSMax + kL - 1) / kL; ++j) {  // lane sub writes entries sub, sub + kL, ...
       const int e = j * kL + sub;
-      const float se = lane_pick<kL, kSMax>(sc, j, sub);
+      const float se = lane_pick<kL>(sc, j, sub);
       if (e < S) {
         P[R * S + e] = e < cnt ? __expf(se - l) * (e > 0 ? a.gamma : 1.f) : 0.f;
         if (e > 0) SRC[R * a.nbl + e - 1] = e < cnt ? i - fl[e] : -1;
@@ -1853,7 +1847,7 @@ __global__ void __launch_bounds__(kRowWarps * 32, 2)
 #pragma unroll
       for (int u = 0; u < kSB; ++u) {
         const int e = b0 + u;
-        const float c = pe[u] * lanes_sum<kL>(e < cnt ? dot_piece(gv, x[u]) : 0.f);
+        const float c = pe[u] * group_sum(e < cnt ? dot_piece(gv, x[u]) : 0.f, kL);
         delta += c;
         if (sub == 0) cus[slot][e] = c;
       }
@@ -2564,6 +2558,21 @@ bool slab_ok(const CudaMix& m, const KArgs& a) {
   return m.host_pat.B.kind == SupportKind::Offsets && m.nbl + 1 <= 32 && (a.lpk == 8 || a.lpk == 16) && m.dtype != DType::F32 &&
          !(variant_bits() & 4);
 }
+// Calls f(kSMax, kL) with the slab passes' compile-time shape for a problem slab_ok accepts:
+// entries a row (16 or 32) and lanes a row (Dk / 8).
+template <class F>
+void with_slab_shape(const CudaMix& m, const KArgs& a, F&& f) {
+  using I8 = std::integral_constant<int, 8>;
+  using I16 = std::integral_constant<int, 16>;
+  using I32 = std::integral_constant<int, 32>;
+  if (m.nbl + 1 <= 16) {
+    if (a.lpk == 8) f(I16{}, I8{});
+    else f(I16{}, I16{});
+  } else {
+    if (a.lpk == 8) f(I32{}, I8{});
+    else f(I32{}, I16{});
+  }
+}
 // Whether the 4-channel chains serve v, y (or dy) and the float32 copies.
 bool chain4_ok(const CudaMix& m, int64_t esize, std::initializer_list<const void*> ptrs) {
   if (m.pb.Dv % 4 != 0 || !strides_multiple(m.pb.sv, 4) || !strides_multiple(m.pb.sy, 4) || (variant_bits() & 1)) return false;
@@ -2661,21 +2670,15 @@ int32_t forward_t(const CudaMix& m, const T* q, const T* k, const T* v, const T*
     a.lpk = lanes_per_row(m.pb.Dk, sizeof(T), {{q, m.pb.sq}, {softmax ? k : q, m.pb.sk}, {gw, Strides{0, 0, 0}}});
     a.bad = b.bad;
     TOKMIX_CU(cudaMemsetAsync(b.bad, 0, sizeof(int32_t), st));
-    const size_t sm1 = sizeof(float) * (kRowWarps * (m.pb.Dk + 1 + m.nbl));
-    allow_smem(coef_kernel<T>, sm1);
     if (slab_ok(m, a)) {
-#define TOKMIX_COEF_SLAB(SM, L) \
-  coef_slab<T, SM, L><<<dim3(p.total_chunks, m.pb.H), kRowWarps * 32, 0, st>>>(a, b.seqs, b.chunk_seq, q, k, bias, gw, lse, b.P, b.SRC)
-      if (m.nbl + 1 <= 16) {
-        if (a.lpk == 8) TOKMIX_COEF_SLAB(16, 8);
-        else TOKMIX_COEF_SLAB(16, 16);
-      } else {
-        if (a.lpk == 8) TOKMIX_COEF_SLAB(32, 8);
-        else TOKMIX_COEF_SLAB(32, 16);
-      }
-#undef TOKMIX_COEF_SLAB
+      with_slab_shape(m, a, [&](auto sm, auto l) {
+        coef_slab<T, decltype(sm)::value, decltype(l)::value>
+            <<<dim3(p.total_chunks, m.pb.H), kRowWarps * 32, 0, st>>>(a, b.seqs, b.chunk_seq, q, k, bias, gw, lse, b.P, b.SRC);
+      });
       TOKMIX_LAUNCHED("coef_slab");
     } else {
+      const size_t sm1 = sizeof(float) * (kRowWarps * (m.pb.Dk + 1 + m.nbl));
+      allow_smem(coef_kernel<T>, sm1);
       coef_kernel<T><<<dim3(p.total_chunks, m.pb.H), kRowWarps * 32, sm1, st>>>(a, b.seqs, b.chunk_seq, q, k, bias, gw, lse,
                                                                                      b.P, b.SRC, b.M);
       TOKMIX_LAUNCHED("coef_kernel");
@@ -2766,16 +2769,10 @@ int32_t backward_t(const CudaMix& m, const T* q, const T* k, const T* v, const T
     }
     const bool slab = softmax && slab_ok(m, a) && a.lpv == a.lpk;
     if (slab) {
-#define TOKMIX_GRAD_SLAB(SM, L) \
-  grad_slab<T, SM, L><<<rows_grid, kRowWarps * 32, 0, st>>>(a, b.seqs, b.chunk_seq, k, v, y, b.P, b.G, dq, dv, b.DS, dbias_u)
-      if (m.nbl + 1 <= 16) {
-        if (a.lpk == 8) TOKMIX_GRAD_SLAB(16, 8);
-        else TOKMIX_GRAD_SLAB(16, 16);
-      } else {
-        if (a.lpk == 8) TOKMIX_GRAD_SLAB(32, 8);
-        else TOKMIX_GRAD_SLAB(32, 16);
-      }
-#undef TOKMIX_GRAD_SLAB
+      with_slab_shape(m, a, [&](auto sm, auto l) {
+        grad_slab<T, decltype(sm)::value, decltype(l)::value>
+            <<<rows_grid, kRowWarps * 32, 0, st>>>(a, b.seqs, b.chunk_seq, k, v, y, b.P, b.G, dq, dv, b.DS, dbias_u);
+      });
       TOKMIX_LAUNCHED("grad_slab");
     } else {
       const size_t smr = sizeof(float) * kRowWarps * (m.pb.Dv + 1 + m.nbl);
@@ -2786,15 +2783,9 @@ int32_t backward_t(const CudaMix& m, const T* q, const T* k, const T* v, const T
     }
     if (softmax) {
       if (slab) {
-#define TOKMIX_DK_SLAB(SM, L) dk_slab<T, SM, L><<<rows_grid, kRowWarps * 32, 0, st>>>(a, b.seqs, b.chunk_seq, q, b.DS, dk)
-        if (m.nbl + 1 <= 16) {
-          if (a.lpk == 8) TOKMIX_DK_SLAB(16, 8);
-          else TOKMIX_DK_SLAB(16, 16);
-        } else {
-          if (a.lpk == 8) TOKMIX_DK_SLAB(32, 8);
-          else TOKMIX_DK_SLAB(32, 16);
-        }
-#undef TOKMIX_DK_SLAB
+        with_slab_shape(m, a, [&](auto sm, auto l) {
+          dk_slab<T, decltype(sm)::value, decltype(l)::value><<<rows_grid, kRowWarps * 32, 0, st>>>(a, b.seqs, b.chunk_seq, q, b.DS, dk);
+        });
         TOKMIX_LAUNCHED("dk_slab");
       } else if (lattice) {
         const int64_t nk = m.pb.batch * m.pb.T * m.pb.H * m.pb.Dk;
