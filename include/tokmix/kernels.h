@@ -88,6 +88,10 @@ struct CudaMix {
   // Deferred finiteness report (chunked solver): when set, the mask is copied to this pinned
   // host slot behind the kernels and the call returns 0 without waiting for the stream.
   int32_t* flags_out = nullptr;
+  // The call is being captured into a CUDA graph: no finiteness report at all (a capture may not
+  // wait for the device or copy to pageable memory); the plan is uploaded from pinned host
+  // memory that lives as long as the program, since the graph's copy nodes read it at replay.
+  bool capturing = false;
 };
 
 // Scratch the op needs on the device (bytes), allocated by the caller and passed as `ws`.

@@ -89,7 +89,8 @@ void write_plot(const fs::path& dir, const std::vector<Structure>& ss, const std
     std::printf("bar chart: %s\n", (dir / "table1.png").c_str());
 }
 
-void run_table1(const std::string& preset_name, const std::string& out, std::vector<std::string> only, bool verbose) {
+void run_table1(const std::string& preset_name, const std::string& out, std::vector<std::string> only, bool verbose,
+                const std::string& device) {
   const Preset p = preset(preset_name);
   auto ss = structures(p.window, p.order);
   if (!only.empty()) {
@@ -103,7 +104,7 @@ void run_table1(const std::string& preset_name, const std::string& out, std::vec
   fs::create_directories(dir);
   nlohmann::json settings = {{"preset", preset_name}, {"tasks", p.tasks}, {"model", p.model}, {"steps", p.steps},
                              {"batch_size", p.batch}, {"lrs", p.lrs}, {"local_window", p.window}, {"recurrence_order", p.order},
-                             {"threads", torch::get_num_threads()}};
+                             {"threads", torch::get_num_threads()}, {"device", device}, {"bf16", device == "cuda"}};
   std::ofstream(dir / "settings.json") << settings.dump(2) << "\n";
   std::vector<std::array<double, 3>> ours(ss.size(), {0, 0, 0});
   nlohmann::json results = nlohmann::json::array();
@@ -116,6 +117,7 @@ void run_table1(const std::string& preset_name, const std::string& out, std::vec
       for (auto it = ss[i].mixer.begin(); it != ss[i].mixer.end(); ++it) model["mixer"][it.key()] = it.value();
       nlohmann::json tj = {{"model", model},        {"task", p.tasks[t]}, {"batch_size", p.batch}, {"steps", p.steps},
                            {"eval_every", p.steps}, {"eval_batches", 8},  {"log_every", p.steps},
+                           {"device", device},      {"bf16", device == "cuda"},
                            {"out", (dir / (ss[i].mixer["type"].get<std::string>() + "-" + std::to_string(t))).string()}};
       const train::TrainOptions o = train::TrainOptions::from_json(tj, "table1");
       const train::TrainResult best = train::train_sweep(o, p.lrs, false, verbose ? &std::cerr : nullptr);
@@ -146,13 +148,15 @@ CommandRegistrar reg([](CLI::App& app) {
     std::string preset = "quick", out = "out/table1";
     std::vector<std::string> only;
     bool verbose = false;
+    std::string device = "cpu";
   };
   auto a = std::make_shared<Args>();
   t1->add_option("--preset", a->preset, "quick (2 CPU cores, ~15 min) or paper")->check(CLI::IsMember({"quick", "paper"}));
   t1->add_option("--out", a->out, "output directory");
   t1->add_option("--only", a->only, "mixer types to run (attention,local,first-order,recurrence,dense,pow2,...)")->delimiter(',');
   t1->add_flag("--verbose", a->verbose, "progress of every training run");
-  t1->callback([a] { run_table1(a->preset, a->out, a->only, a->verbose); });
+  t1->add_option("--device", a->device, "cpu, or cuda (bf16 autocast, the step replayed as a CUDA graph)")->check(CLI::IsMember({"cpu", "cuda"}));
+  t1->callback([a] { run_table1(a->preset, a->out, a->only, a->verbose, a->device); });
 });
 
 }  // namespace

@@ -72,11 +72,11 @@ Tensor fused_attention(const Tensor& q, const Tensor& k, const Tensor& v, const 
     if (!p.one_per_row) allowed = allowed.logical_and(d.unsqueeze(0).le(p.pos.unsqueeze(2)));
     allowed = allowed.unsqueeze(1);  // [B|1, 1, T, T]
     if (bias.defined()) {
-      std::vector<int64_t> lv(T);
-      for (int64_t dd = 0; dd < T; ++dd) lv[dd] = window_level(dd);
       // distances outside the window are masked; clamp them to a level the table has
       Tensor dd = window > 0 ? d.clamp(0, window - 1) : d.clamp_min(0);
-      Tensor level = torch::tensor(lv, torch::TensorOptions().dtype(torch::kInt64)).to(q.device()).index_select(0, dd.flatten());
+      // window_level(d) on the device (no host table: a step captured into a CUDA graph may not
+      // copy from pageable memory): d below 16, then 16 + floor(log2 d) - 4 (exact in float64)
+      Tensor level = torch::where(dd.lt(16), dd, dd.to(torch::kFloat64).clamp_min(1).log2().floor().to(torch::kInt64) + 12).flatten();
       Tensor bm = bias.index_select(1, level).view({H, T, T}).unsqueeze(0);
       mask = bm.masked_fill(allowed.logical_not(), -std::numeric_limits<double>::infinity());
     } else {

@@ -98,9 +98,27 @@ Tensor LanguageModelImpl::hidden(const Tensor& tokens, const TokenPositions& p) 
   if (longest > cfg_.max_context)
     throw std::invalid_argument("LanguageModel::forward: a sequence of " + std::to_string(longest) + " tokens exceeds max_context = " +
                                 std::to_string(cfg_.max_context));
+  return blocks_forward(tokens, p);
+}
+
+Tensor LanguageModelImpl::blocks_forward(const Tensor& tokens, const TokenPositions& p) {
   Tensor h = embed(tokens, p.pos);
   for (auto& b : blocks_) h = b->forward(h, p);
   return h;
+}
+
+void LanguageModelImpl::check_batch(const Tensor& tokens) const {
+  if (tokens.dim() != 2) throw std::invalid_argument("LanguageModel::forward: tokens must be [B, T]");
+  check_tokens(tokens);
+  if (tokens.size(1) > cfg_.max_context)
+    throw std::invalid_argument("LanguageModel::forward: a sequence of " + std::to_string(tokens.size(1)) + " tokens exceeds max_context = " +
+                                std::to_string(cfg_.max_context));
+}
+
+Tensor LanguageModelImpl::forward_unchecked(const Tensor& tokens, const Tensor& flat_index) {
+  Tensor h = blocks_forward(tokens, TokenPositions::contiguous(tokens.size(0), tokens.size(1), tokens.device()));
+  if (!flat_index.defined()) return head(h);
+  return head(h.reshape({-1, h.size(-1)}).index_select(0, flat_index));
 }
 
 Tensor LanguageModelImpl::forward_at(const Tensor& tokens, const Tensor& flat_index) {

@@ -36,8 +36,26 @@ std::string shape_str(const Tensor& t) {
 
 [[noreturn]] void bad(const std::string& msg) { throw std::invalid_argument("tokmix::mix: " + msg); }
 
+// Whether work on t's device is being captured into a CUDA graph (current stream). A capture
+// may not read the device, so the finiteness checks are skipped there: the eager call before a
+// capture checked the same kind of inputs, and a captured training step reports a non-finite
+// loss or gradient norm after each replay (train::GraphStep).
+bool capturing_on(const Tensor& t) {
+#ifdef TOKMIX_WITH_CUDA
+  if (t.defined() && t.is_cuda()) {
+    cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
+    // an error here counts as capturing: the checks are skipped rather than risked
+    const bool err = cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(t.device().index()).stream(), &cs) != cudaSuccess;
+    if (err) cudaGetLastError();
+    return err || cs != cudaStreamCaptureStatusNone;
+  }
+#endif
+  (void)t;
+  return false;
+}
+
 void check_finite(const Tensor& t, const char* name) {
-  if (t.defined() && t.numel() > 0 && !torch::isfinite(t).all().item<bool>())
+  if (t.defined() && t.numel() > 0 && !capturing_on(t) && !torch::isfinite(t).all().item<bool>())
     bad(std::string(name) + " contains NaN or Inf; expected finite values");
 }
 
@@ -378,6 +396,14 @@ void queue_report(int slot, void* stream, std::vector<std::pair<int, std::string
 template <class Call>
 int32_t run_reported(kernels::CudaMix& m, std::vector<std::pair<int, std::string>> names, Call&& call) {
   int slot = -1;
+  cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
+  const bool err = cudaStreamIsCapturing(static_cast<cudaStream_t>(m.stream), &cs) != cudaSuccess;
+  if (err) cudaGetLastError();
+  m.capturing = err || cs != cudaStreamCaptureStatusNone;
+  if (m.capturing) {
+    m.flags_out = nullptr;
+    return call();  // no report: see capturing_on
+  }
   m.flags_out = kernels::mix_cuda_fast_path(m) ? take_report_slot(&slot) : nullptr;
   int32_t flags = 0;
   try {
@@ -863,16 +889,7 @@ torch::Tensor MixCache::step(const Tensor& q, const Tensor& k, const Tensor& v, 
       badstep("bias and gate_weight must have the cache's dtype and device");
   // A step being captured into a CUDA graph may not read the device: the eager step before the
   // capture checked the same weights.
-  bool capturing = false;
-#ifdef TOKMIX_WITH_CUDA
-  if (q.is_cuda()) {
-    cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
-    // an error here counts as capturing: the weight checks are skipped rather than risked
-    capturing = cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(q.device().index()).stream(), &cs) != cudaSuccess ||
-                cs != cudaStreamCaptureStatusNone;
-    if (capturing && cs == cudaStreamCaptureStatusNone) cudaGetLastError();
-  }
-#endif
+  const bool capturing = capturing_on(q);
   if (!capturing) {
     check_finite(opt.bias, "bias");
     if (gate) check_finite(opt.gate_weight, "gate_weight");

@@ -45,6 +45,13 @@ class LanguageModelImpl : public torch::nn::Module {
   // -> [n, vocab]. Tasks that supervise few positions (MQAR: N of T) skip the output head,
   // the largest product when the vocabulary is large, everywhere else.
   torch::Tensor forward_at(const torch::Tensor& tokens, const torch::Tensor& flat_index);
+  // forward / forward_at with nothing checked that would read the device (token range, index
+  // range): the caller checked the CPU copies. What a captured training step runs
+  // (train::GraphStep). flat_index undefined: logits at every position.
+  torch::Tensor forward_unchecked(const torch::Tensor& tokens, const torch::Tensor& flat_index);
+  // What forward(tokens) checks first (shape, token range, length); pass a CPU copy to keep the
+  // device out of it.
+  void check_batch(const torch::Tensor& tokens) const;
 
   // A fresh decode state; max_context <= config().max_context (0 = the config's).
   DecodeState new_decode_state(int64_t batch, int64_t max_context = 0) const;
@@ -72,6 +79,7 @@ class LanguageModelImpl : public torch::nn::Module {
   torch::Tensor embed(const torch::Tensor& tokens, const torch::Tensor& pos);
   // checks the inputs, then embedding and blocks: the states before the final norm
   torch::Tensor hidden(const torch::Tensor& tokens, const TokenPositions& p);
+  torch::Tensor blocks_forward(const torch::Tensor& tokens, const TokenPositions& p);
   torch::Tensor head(const torch::Tensor& h);
   void check_tokens(const torch::Tensor& tokens) const;
 

@@ -43,6 +43,7 @@ struct TrainOptions {
   int64_t log_every = 10;
   std::string device = "cpu";   // "cpu" | "cuda"
   bool bf16 = false;            // autocast to bfloat16 (cuda)
+  bool cuda_graph = true;       // cuda: replay the training step as one CUDA graph when batches keep their shape
   int threads = 0;              // CPU threads, 0 = all cores (distributed: cores / local processes)
   bool distributed = false;     // one process per device, ranks from RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT;
                                 // batch_size is per process (docs/distributed.md)

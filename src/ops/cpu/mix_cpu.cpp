@@ -255,7 +255,7 @@ inline void prefetch_row(const T* base, int64_t row, int64_t stride, int64_t wid
 #define PF 6
 #endif
 constexpr int64_t kPrefetchRows = PF;
-constexpr int64_t kNearRows = 512;
+constexpr int64_t kNearRows = 32;
 
 // The work of one (sequence, head) unit. DK/DV > 0 fix the head widths at compile time (the
 // common widths), so that the accumulators of a row live in registers; 0 reads them from pb.

@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <initializer_list>
+#include <mutex>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
@@ -2615,10 +2616,49 @@ int chain4_groups(const CudaMix& m, const Plan& p, K1 k1, K2 k2, K4 k4, bool one
   return 0;
 }
 
-void upload_plan(const Plan& p, const Buffers& b, cudaStream_t st) {
-  if (p.nseq) TOKMIX_CU(cudaMemcpyAsync(b.seqs, p.seqs.data(), sizeof(SeqInfo) * p.nseq, cudaMemcpyHostToDevice, st));
-  if (p.total_chunks)
-    TOKMIX_CU(cudaMemcpyAsync(b.chunk_seq, p.chunk_seq.data(), sizeof(int32_t) * p.total_chunks, cudaMemcpyHostToDevice, st));
+// Host memory a captured graph's copy nodes read at every replay: pinned, never freed or reused.
+// cudaHostAlloc may not run during a capture, so calls outside one keep room ahead (at least
+// 256 KB and 8 times their own plan); a capture that outgrows it fails and its caller runs eagerly.
+struct PinnedArena {
+  std::mutex mu;
+  char* block = nullptr;
+  size_t used = 0, cap = 0;
+};
+PinnedArena& pinned_arena() {
+  static PinnedArena a;
+  return a;
+}
+void pinned_reserve(size_t plan_bytes) {
+  PinnedArena& a = pinned_arena();
+  std::lock_guard<std::mutex> lk(a.mu);
+  const size_t want = std::max<size_t>(size_t(256) << 10, 8 * plan_bytes);
+  if (a.cap - a.used >= want) return;
+  const size_t bytes = std::max<size_t>(size_t(4) << 20, want);
+  void* h = nullptr;
+  TOKMIX_CU(cudaHostAlloc(&h, bytes, cudaHostAllocDefault));
+  a.block = static_cast<char*>(h);  // the previous block stays: graphs may still read it
+  a.used = 0;
+  a.cap = bytes;
+}
+const void* pinned_forever(const void* src, size_t bytes) {
+  PinnedArena& a = pinned_arena();
+  std::lock_guard<std::mutex> lk(a.mu);
+  const size_t at = (a.used + 15) & ~size_t(15);
+  if (!a.block || at + bytes > a.cap)
+    throw std::runtime_error("tokmix CUDA: the pinned memory kept for captured plans is used up (" + std::to_string(bytes) +
+                             " bytes needed); run the call once outside a capture first");
+  std::memcpy(a.block + at, src, bytes);
+  a.used = at + bytes;
+  return a.block + at;
+}
+
+void upload_plan(const Plan& p, const Buffers& b, cudaStream_t st, bool capturing) {
+  auto up = [&](void* dst, const void* src, size_t bytes) {
+    TOKMIX_CU(cudaMemcpyAsync(dst, capturing ? pinned_forever(src, bytes) : src, bytes, cudaMemcpyHostToDevice, st));
+  };
+  if (!capturing) pinned_reserve(sizeof(SeqInfo) * p.nseq + sizeof(int32_t) * p.total_chunks);
+  if (p.nseq) up(b.seqs, p.seqs.data(), sizeof(SeqInfo) * p.nseq);
+  if (p.total_chunks) up(b.chunk_seq, p.chunk_seq.data(), sizeof(int32_t) * p.total_chunks);
 }
 
 template <class K>
@@ -2643,6 +2683,7 @@ int64_t chain_vec(const CudaMix& m, const Plan& p, K kernel) {
 // Reads the finiteness flags the kernels left (one small copy and a stream sync), or, when the
 // caller defers the report (m.flags_out), only queues their copy to its pinned slot.
 int32_t read_flags(const CudaMix& m, const int32_t* dflag, cudaStream_t st) {
+  if (m.capturing) return 0;
   if (m.flags_out) {
     TOKMIX_CU(cudaMemcpyAsync(m.flags_out, dflag, sizeof(int32_t), cudaMemcpyDeviceToHost, st));
     return 0;
@@ -2661,7 +2702,7 @@ int32_t forward_t(const CudaMix& m, const T* q, const T* k, const T* v, const T*
   int64_t bytes;
   Buffers b = carve(m, p, false, ws, saved, &bytes);
   float* yf = b.yf ? b.yf : reinterpret_cast<float*>(y);
-  upload_plan(p, b, st);
+  upload_plan(p, b, st, m.capturing);
   KArgs a = kargs(m, p);
   if (p.nseq == 0 || m.pb.H == 0) return p.fast ? 0 : -1;
   if (p.fast) {
@@ -2726,7 +2767,7 @@ int32_t backward_t(const CudaMix& m, const T* q, const T* k, const T* v, const T
   const Plan p = make_plan(m);
   int64_t bytes;
   Buffers b = carve(m, p, true, ws, const_cast<void*>(saved), &bytes);
-  upload_plan(p, b, st);
+  upload_plan(p, b, st, m.capturing);
   KArgs a = kargs(m, p);
   if (p.nseq == 0 || m.pb.H == 0) return p.fast ? 0 : -1;
   const bool softmax = m.pb.mode == Mode::Softmax;
