@@ -330,5 +330,17 @@ TEST(LanguageModel, ForwardAtSelectedPositionsEqualsFullForward) {
     EXPECT_LT(rel_err(m->named_parameters()["tok_emb.weight"].grad(), g_full), 1e-4) << mixer;
     EXPECT_THROW(m->forward_at(tok, torch::tensor(std::vector<int64_t>{111}, torch::kInt64)), std::invalid_argument);
     EXPECT_THROW(m->forward_at(tok, torch::tensor(std::vector<int64_t>{-1}, torch::kInt64)), std::invalid_argument);
+    // the captured training step's form: the same logits with the checks made beforehand
+    {
+      torch::NoGradGuard ng;
+      EXPECT_TRUE(torch::equal(m->forward_unchecked(tok, idx), m->forward_at(tok, idx))) << mixer;
+      EXPECT_TRUE(torch::equal(m->forward_unchecked(tok, Tensor()), m->forward(tok))) << mixer;
+    }
+    EXPECT_NO_THROW(m->check_batch(tok));
+    Tensor bad = tok.clone();
+    bad[1][3] = 40;  // one past the vocabulary
+    EXPECT_THROW(m->check_batch(bad), std::invalid_argument);
+    EXPECT_THROW(m->check_batch(tok.view({-1})), std::invalid_argument);
+    EXPECT_THROW(m->check_batch(torch::zeros({1, 65}, torch::kInt64)), std::invalid_argument);  // max_context 64
   }
 }
