@@ -7,6 +7,8 @@
 //
 // Backward scatters instead of gathering over the transposed pattern: processing rows m in
 // decreasing order, g_m is final once every later row has added beta_mi * g_m into it.
+#include <sys/mman.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -381,7 +383,14 @@ struct UnitKernel {
     const int64_t Dv = dv(), Dk = dk();
     const bool softmax = pb.mode == Mode::Softmax;
     // G holds g = (I - B)^{-T} dy, row-contiguous; filled from dy, completed by scatter.
-    G.resize(un.n * Dv);
+    if (G.size() < size_t(un.n * Dv)) {
+      G.resize(un.n * Dv);
+      // 2 MB pages for G's far rows (see the op's block cache): the aligned interior
+      constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+      const uintptr_t b = (reinterpret_cast<uintptr_t>(G.data()) + kHuge - 1) & ~(kHuge - 1),
+                      e = reinterpret_cast<uintptr_t>(G.data() + G.size()) & ~(kHuge - 1);
+      if (e > b) madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);
+    }
     for (int64_t i = 0; i < un.n; ++i) {
       const T* src = dy + un.off_y + i * pb.sy.st;
 #pragma omp simd
