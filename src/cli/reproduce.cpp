@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <optional>
 
 #include "commands.h"
 #include "tokmix/train/trainer.h"
@@ -90,7 +91,7 @@ void write_plot(const fs::path& dir, const std::vector<Structure>& ss, const std
 }
 
 void run_table1(const std::string& preset_name, const std::string& out, std::vector<std::string> only, bool verbose,
-                const std::string& device) {
+                const std::string& device, bool resume) {
   const Preset p = preset(preset_name);
   auto ss = structures(p.window, p.order);
   if (!only.empty()) {
@@ -109,7 +110,7 @@ void run_table1(const std::string& preset_name, const std::string& out, std::vec
   std::vector<std::array<double, 3>> ours(ss.size(), {0, 0, 0});
   nlohmann::json results = nlohmann::json::array();
   const int64_t runs = int64_t(ss.size()) * 3;
-  int64_t done = 0;
+  int64_t done = 0, trained = 0;
   auto t0 = std::chrono::steady_clock::now();
   for (size_t i = 0; i < ss.size(); ++i) {
     for (int t = 0; t < 3; ++t) {
@@ -120,13 +121,15 @@ void run_table1(const std::string& preset_name, const std::string& out, std::vec
                            {"device", device},      {"bf16", device == "cuda"},
                            {"out", (dir / (ss[i].mixer["type"].get<std::string>() + "-" + std::to_string(t))).string()}};
       const train::TrainOptions o = train::TrainOptions::from_json(tj, "table1");
-      const train::TrainResult best = train::train_sweep(o, p.lrs, false, verbose ? &std::cerr : nullptr);
+      std::optional<train::TrainResult> earlier = resume ? train::finished_sweep(o, p.lrs) : std::nullopt;
+      const train::TrainResult best = earlier ? *earlier : train::train_sweep(o, p.lrs, false, verbose ? &std::cerr : nullptr);
       ours[i][t] = 100 * best.eval.accuracy;
       ++done;
       const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      std::fprintf(stderr, "[%2lld/%lld] %-22s %-34s acc %6.2f%%  (%.0f tok/s)  elapsed %.0fs, ETA %.0fs\n", (long long)done,
-                   (long long)runs, ss[i].label.c_str(), p.tasks[t].c_str(), ours[i][t], best.tokens_per_s, secs,
-                   secs / done * (runs - done));
+      if (!earlier) ++trained;
+      std::fprintf(stderr, "[%2lld/%lld] %-22s %-34s acc %6.2f%%  (%.0f tok/s)%s  elapsed %.0fs, ETA %.0fs\n", (long long)done,
+                   (long long)runs, ss[i].label.c_str(), p.tasks[t].c_str(), ours[i][t], best.tokens_per_s,
+                   earlier ? "  from an earlier run" : "", secs, trained ? secs / trained * (runs - done) : 0.0);
       results.push_back({{"structure", ss[i].label}, {"mixer", ss[i].mixer}, {"task", p.tasks[t]}, {"accuracy", ours[i][t]},
                          {"paper", ss[i].paper[t]}, {"eval_loss", best.eval.loss}, {"tokens_per_s", best.tokens_per_s}});
     }
@@ -149,6 +152,7 @@ CommandRegistrar reg([](CLI::App& app) {
     std::vector<std::string> only;
     bool verbose = false;
     std::string device = "cpu";
+    bool resume = false;
   };
   auto a = std::make_shared<Args>();
   t1->add_option("--preset", a->preset, "quick (2 CPU cores, ~15 min) or paper")->check(CLI::IsMember({"quick", "paper"}));
@@ -156,7 +160,10 @@ CommandRegistrar reg([](CLI::App& app) {
   t1->add_option("--only", a->only, "mixer types to run (attention,local,first-order,recurrence,dense,pow2,...)")->delimiter(',');
   t1->add_flag("--verbose", a->verbose, "progress of every training run");
   t1->add_option("--device", a->device, "cpu, or cuda (bf16 autocast, the step replayed as a CUDA graph)")->check(CLI::IsMember({"cpu", "cuda"}));
-  t1->callback([a] { run_table1(a->preset, a->out, a->only, a->verbose, a->device); });
+  t1->add_flag("--resume", a->resume,
+               "reuse the runs already finished in --out with the same settings (result.json and options.json of every "
+               "learning rate), train the others: a long preset can run in pieces");
+  t1->callback([a] { run_table1(a->preset, a->out, a->only, a->verbose, a->device, a->resume); });
 });
 
 }  // namespace

@@ -963,14 +963,56 @@ TrainResult train(const TrainOptions& o, bool resume, std::ostream* log, int64_t
   return res;
 }
 
-namespace {
-std::string lr_name(double lr) {
+std::string sweep_dir(double lr) {
   std::ostringstream os;
-  os << lr;
+  os << "lr_" << lr;
   return os.str();
 }
 
+namespace {
+// Better result of a sweep: language modeling keeps the lowest validation loss, tasks the highest
+// accuracy (then the lowest loss).
+bool better_run(const TrainResult& a, const TrainResult& best) {
+  return a.eval.perplexity > 0 ? a.eval.loss < best.eval.loss
+                               : (a.eval.accuracy > best.eval.accuracy || (a.eval.accuracy == best.eval.accuracy && a.eval.loss < best.eval.loss));
+}
 }  // namespace
+
+std::optional<TrainResult> finished_sweep(const TrainOptions& o, const std::vector<double>& lrs) {
+  auto one = [&](double lr, const std::string& dir) -> std::optional<TrainResult> {
+    TrainOptions r = o;
+    r.lr = lr;
+    r.out = dir;
+    try {
+      std::ifstream ro(fs::path(dir) / "result.json"), oo(fs::path(dir) / "options.json");
+      if (!ro || !oo) return std::nullopt;
+      const nlohmann::json res = nlohmann::json::parse(ro), opt = nlohmann::json::parse(oo);
+      if (opt != r.to_json() || res.value("steps", int64_t(-1)) != o.steps) return std::nullopt;
+      TrainResult t;
+      t.steps = res.at("steps").get<int64_t>();
+      t.final_loss = res.value("final_loss", 0.0);
+      t.eval.loss = res.value("eval_loss", 0.0);
+      t.eval.accuracy = res.value("eval_accuracy", 0.0);
+      t.eval.perplexity = res.value("eval_perplexity", 0.0);
+      t.eval.bits_per_byte = res.value("eval_bits_per_byte", 0.0);
+      t.best_accuracy = res.value("best_accuracy", 0.0);
+      t.tokens_per_s = res.value("tokens_per_s", 0.0);
+      t.seconds = res.value("seconds", 0.0);
+      t.out = dir;
+      return t;
+    } catch (const std::exception&) {
+      return std::nullopt;  // unreadable: not finished
+    }
+  };
+  if (lrs.size() <= 1) return one(lrs.empty() ? o.lr : lrs[0], o.out);
+  std::optional<TrainResult> best;
+  for (double lr : lrs) {
+    auto r = one(lr, (fs::path(o.out) / sweep_dir(lr)).string());
+    if (!r) return std::nullopt;
+    if (!best || better_run(*r, *best)) best = r;
+  }
+  return best;
+}
 
 TrainResult train_sweep(const TrainOptions& o_in, const std::vector<double>& lrs, bool resume, std::ostream* log) {
   TrainOptions o = o_in;
@@ -987,15 +1029,11 @@ TrainResult train_sweep(const TrainOptions& o_in, const std::vector<double>& lrs
   for (double lr : lrs) {
     TrainOptions r = o;
     r.lr = lr;
-    if (!base.empty()) r.out = (fs::path(base) / ("lr_" + lr_name(lr))).string();
+    if (!base.empty()) r.out = (fs::path(base) / sweep_dir(lr)).string();
     if (log) *log << "== lr " << lr << "\n";
     auto res = train(r, resume, log);
     if (log) *log << "   lr " << lr << ": eval accuracy " << 100 * res.eval.accuracy << "%, eval loss " << res.eval.loss << "\n";
-    // language modeling keeps the lowest validation loss; tasks the highest accuracy
-    const bool better = res.eval.perplexity > 0 ? res.eval.loss < best.eval.loss
-                                                : (res.eval.accuracy > best.eval.accuracy ||
-                                                   (res.eval.accuracy == best.eval.accuracy && res.eval.loss < best.eval.loss));
-    if (!have || better) {
+    if (!have || better_run(res, best)) {
       best = res;
       have = true;
     }

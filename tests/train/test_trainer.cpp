@@ -155,6 +155,23 @@ TEST(Trainer, LearningRateSweepKeepsTheBestRun) {
   EXPECT_NE(best.out.find("lr_0.01"), std::string::npos) << best.out;
   EXPECT_TRUE(fs::exists(fs::path(o.out) / "lr_1e-06" / "result.json"));
   EXPECT_TRUE(fs::exists(fs::path(o.out) / "lr_0.01" / "result.json"));
+  // what `reproduce table1 --resume` reads back: the same best run, or nothing when a run is
+  // missing, unfinished or was made with other settings
+  auto again = train::finished_sweep(o, {1e-6, 1e-2});
+  ASSERT_TRUE(again.has_value());
+  EXPECT_EQ(again->out, best.out);
+  EXPECT_EQ(again->eval.accuracy, best.eval.accuracy);
+  EXPECT_EQ(again->eval.loss, best.eval.loss);
+  EXPECT_EQ(again->steps, 80);
+  EXPECT_FALSE(train::finished_sweep(o, {1e-6, 1e-2, 1e-3}).has_value()) << "a rate never run";
+  auto other = o;
+  other.steps = 81;
+  EXPECT_FALSE(train::finished_sweep(other, {1e-6, 1e-2}).has_value()) << "other steps";
+  other = o;
+  other.batch_size = o.batch_size + 1;
+  EXPECT_FALSE(train::finished_sweep(other, {1e-6, 1e-2}).has_value()) << "other settings";
+  fs::remove(fs::path(o.out) / "lr_1e-06" / "result.json");
+  EXPECT_FALSE(train::finished_sweep(o, {1e-6, 1e-2}).has_value()) << "a missing result";
   fs::remove_all(o.out);
 }
 

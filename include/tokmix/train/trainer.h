@@ -9,6 +9,7 @@
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -92,6 +93,12 @@ TrainResult train(const TrainOptions& o, bool resume = false, std::ostream* log 
 // One run per learning rate, each in <out>/lr_<lr> (a single rate: <out> itself); returns the
 // best (eval accuracy, then eval loss), as Zoology's sweeps keep the best of several rates.
 TrainResult train_sweep(const TrainOptions& o, const std::vector<double>& lrs, bool resume = false, std::ostream* log = nullptr);
+// Where train_sweep puts the run of one learning rate: <o.out>/<sweep_dir(lr)> (several rates).
+std::string sweep_dir(double lr);
+// The result a finished sweep left in o.out (result.json of every rate, each run's options.json
+// equal to what o and that rate give now, all steps done), the best by the sweep's rule; nullopt
+// when any run is missing, unfinished or was made with other options.
+std::optional<TrainResult> finished_sweep(const TrainOptions& o, const std::vector<double>& lrs);
 
 // Accuracy by recall distance: for a supervised position t whose label is token x, the distance
 // is t - p for the last p <= t with input[p] == x (how far back the answer sits in the input;
