@@ -568,10 +568,12 @@ struct CudaStep {
     }
     scal.copy_(scal_host, /*non_blocking=*/true);
   }
-  // Host side, after a step whose update ran.
+  // Host side, after a step whose update ran: the parameters it updated (those with a
+  // gradient, as in AdamW::step) count one more step.
   void advance() {
-    for (auto& pr : params) pr.st->step(pr.st->step() + 1);
+    for (size_t i : stepped) params[i].st->step(params[i].st->step() + 1);
   }
+  std::vector<size_t> stepped;  // set by device_step (for a graph: at its capture)
 
   // Forward, loss, backward, clip, update; returns [loss, gradient norm] (float32, device).
   Tensor device_step(const Tensor& input, const Tensor& labels, const Tensor& at, bool checked) {
@@ -595,6 +597,7 @@ struct CudaStep {
         grads.push_back(params[i].p.grad());
         with_grad.push_back(i);
       }
+    stepped = with_grad;
     if (grads.empty()) return torch::stack({loss.detach().to(torch::kFloat32), torch::zeros({}, scal.options())});
 #if TORCH_VERSION_MAJOR >= 2
     // multi-tensor kernels: a handful of launches for the whole model instead of ~15 per tensor
