@@ -2,8 +2,9 @@
 # Table 1 with the paper preset on the GPU machine: builds build-gpu/tokmix, runs
 #   tokmix reproduce table1 --preset paper --device cuda --resume --out $RUNS [ARGS...]
 # and copies results.json, settings.json, table1.dat and runs.tgz (every run's result.json and
-# options.json, no checkpoints) to $OUT. Runs already finished in $RUNS with the same settings
-# are reused, so the preset can run in pieces across calls: unpack an earlier runs.tgz into
+# options.json, no checkpoints) to $OUT. Runs (one learning rate of one structure and task)
+# already finished in $RUNS with the same settings are reused, so the preset can run in pieces
+# across calls of 10 minutes (a dense-recurrence run takes ~2.6): unpack an earlier runs.tgz into
 # $RUNS (default build-table1), carry that folder, pass --only for the rows still missing, and
 # a last call without --only prints the whole table. All nine rows take about 50 minutes of one
 # H200: ~3 minutes a row (three tasks x four learning rates x 4000 steps), the dense

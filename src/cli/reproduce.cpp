@@ -122,7 +122,8 @@ void run_table1(const std::string& preset_name, const std::string& out, std::vec
                            {"out", (dir / (ss[i].mixer["type"].get<std::string>() + "-" + std::to_string(t))).string()}};
       const train::TrainOptions o = train::TrainOptions::from_json(tj, "table1");
       std::optional<train::TrainResult> earlier = resume ? train::finished_sweep(o, p.lrs) : std::nullopt;
-      const train::TrainResult best = earlier ? *earlier : train::train_sweep(o, p.lrs, false, verbose ? &std::cerr : nullptr);
+      // --resume: rates already finished are read back, the others trained
+      const train::TrainResult best = earlier ? *earlier : train::train_sweep(o, p.lrs, false, verbose ? &std::cerr : nullptr, resume);
       ours[i][t] = 100 * best.eval.accuracy;
       ++done;
       const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

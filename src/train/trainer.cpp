@@ -981,67 +981,69 @@ bool better_run(const TrainResult& a, const TrainResult& best) {
 }
 }  // namespace
 
+std::optional<TrainResult> finished_run(const TrainOptions& r) {
+  try {
+    std::ifstream ro(fs::path(r.out) / "result.json"), oo(fs::path(r.out) / "options.json");
+    if (r.out.empty() || !ro || !oo) return std::nullopt;
+    const nlohmann::json res = nlohmann::json::parse(ro), opt = nlohmann::json::parse(oo);
+    if (opt != r.to_json() || res.value("steps", int64_t(-1)) != r.steps) return std::nullopt;
+    TrainResult t;
+    t.steps = res.at("steps").get<int64_t>();
+    t.final_loss = res.value("final_loss", 0.0);
+    t.eval.loss = res.value("eval_loss", 0.0);
+    t.eval.accuracy = res.value("eval_accuracy", 0.0);
+    t.eval.perplexity = res.value("eval_perplexity", 0.0);
+    t.eval.bits_per_byte = res.value("eval_bits_per_byte", 0.0);
+    t.best_accuracy = res.value("best_accuracy", 0.0);
+    t.tokens_per_s = res.value("tokens_per_s", 0.0);
+    t.seconds = res.value("seconds", 0.0);
+    t.out = r.out;
+    return t;
+  } catch (const std::exception&) {
+    return std::nullopt;  // unreadable: not finished
+  }
+}
+
+namespace {
+// The run of one rate of a sweep: its options and folder.
+TrainOptions sweep_run(const TrainOptions& o, const std::vector<double>& lrs, double lr) {
+  TrainOptions r = o;
+  r.lr = lr;
+  if (lrs.size() > 1 && !o.out.empty()) r.out = (fs::path(o.out) / sweep_dir(lr)).string();
+  return r;
+}
+}  // namespace
+
 std::optional<TrainResult> finished_sweep(const TrainOptions& o, const std::vector<double>& lrs) {
-  auto one = [&](double lr, const std::string& dir) -> std::optional<TrainResult> {
-    TrainOptions r = o;
-    r.lr = lr;
-    r.out = dir;
-    try {
-      std::ifstream ro(fs::path(dir) / "result.json"), oo(fs::path(dir) / "options.json");
-      if (!ro || !oo) return std::nullopt;
-      const nlohmann::json res = nlohmann::json::parse(ro), opt = nlohmann::json::parse(oo);
-      if (opt != r.to_json() || res.value("steps", int64_t(-1)) != o.steps) return std::nullopt;
-      TrainResult t;
-      t.steps = res.at("steps").get<int64_t>();
-      t.final_loss = res.value("final_loss", 0.0);
-      t.eval.loss = res.value("eval_loss", 0.0);
-      t.eval.accuracy = res.value("eval_accuracy", 0.0);
-      t.eval.perplexity = res.value("eval_perplexity", 0.0);
-      t.eval.bits_per_byte = res.value("eval_bits_per_byte", 0.0);
-      t.best_accuracy = res.value("best_accuracy", 0.0);
-      t.tokens_per_s = res.value("tokens_per_s", 0.0);
-      t.seconds = res.value("seconds", 0.0);
-      t.out = dir;
-      return t;
-    } catch (const std::exception&) {
-      return std::nullopt;  // unreadable: not finished
-    }
-  };
-  if (lrs.size() <= 1) return one(lrs.empty() ? o.lr : lrs[0], o.out);
   std::optional<TrainResult> best;
-  for (double lr : lrs) {
-    auto r = one(lr, (fs::path(o.out) / sweep_dir(lr)).string());
+  for (double lr : lrs.empty() ? std::vector<double>{o.lr} : lrs) {
+    auto r = finished_run(sweep_run(o, lrs, lr));
     if (!r) return std::nullopt;
     if (!best || better_run(*r, *best)) best = r;
   }
   return best;
 }
 
-TrainResult train_sweep(const TrainOptions& o_in, const std::vector<double>& lrs, bool resume, std::ostream* log) {
-  TrainOptions o = o_in;
-  if (lrs.size() <= 1) {
-    if (!lrs.empty()) o.lr = lrs[0];
-    return train(o, resume, log);
-  }
-  if (o.distributed)
+TrainResult train_sweep(const TrainOptions& o, const std::vector<double>& lrs, bool resume, std::ostream* log, bool reuse_finished) {
+  if (o.distributed && lrs.size() > 1)
     throw std::invalid_argument("a learning-rate sweep (" + std::to_string(lrs.size()) +
                                 " rates) cannot run distributed; start one distributed job per rate");
   TrainResult best;
   bool have = false;
-  const std::string base = o.out;
-  for (double lr : lrs) {
-    TrainOptions r = o;
-    r.lr = lr;
-    if (!base.empty()) r.out = (fs::path(base) / sweep_dir(lr)).string();
-    if (log) *log << "== lr " << lr << "\n";
-    auto res = train(r, resume, log);
-    if (log) *log << "   lr " << lr << ": eval accuracy " << 100 * res.eval.accuracy << "%, eval loss " << res.eval.loss << "\n";
+  for (double lr : lrs.empty() ? std::vector<double>{o.lr} : lrs) {
+    const TrainOptions r = sweep_run(o, lrs, lr);
+    if (log && lrs.size() > 1) *log << "== lr " << lr << "\n";
+    std::optional<TrainResult> earlier = reuse_finished ? finished_run(r) : std::nullopt;
+    if (earlier && log) *log << "   finished earlier: " << r.out << "\n";
+    const TrainResult res = earlier ? *earlier : train(r, resume, log);
+    if (log && lrs.size() > 1)
+      *log << "   lr " << lr << ": eval accuracy " << 100 * res.eval.accuracy << "%, eval loss " << res.eval.loss << "\n";
     if (!have || better_run(res, best)) {
       best = res;
       have = true;
     }
   }
-  if (log) *log << "best: " << best.out << " (eval accuracy " << 100 * best.eval.accuracy << "%)\n";
+  if (log && lrs.size() > 1) *log << "best: " << best.out << " (eval accuracy " << 100 * best.eval.accuracy << "%)\n";
   return best;
 }
 

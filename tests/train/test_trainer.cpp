@@ -172,6 +172,14 @@ TEST(Trainer, LearningRateSweepKeepsTheBestRun) {
   EXPECT_FALSE(train::finished_sweep(other, {1e-6, 1e-2}).has_value()) << "other settings";
   fs::remove(fs::path(o.out) / "lr_1e-06" / "result.json");
   EXPECT_FALSE(train::finished_sweep(o, {1e-6, 1e-2}).has_value()) << "a missing result";
+  // a sweep in pieces: the finished rate is read back, the missing one trained again
+  const auto kept = fs::last_write_time(fs::path(o.out) / "lr_0.01" / "result.json");
+  auto pieced = train::train_sweep(o, {1e-6, 1e-2}, false, nullptr, /*reuse_finished=*/true);
+  EXPECT_EQ(pieced.out, best.out);
+  EXPECT_EQ(pieced.eval.accuracy, best.eval.accuracy);
+  EXPECT_TRUE(fs::exists(fs::path(o.out) / "lr_1e-06" / "result.json"));
+  EXPECT_EQ(fs::last_write_time(fs::path(o.out) / "lr_0.01" / "result.json"), kept) << "the finished run was trained again";
+  EXPECT_TRUE(train::finished_sweep(o, {1e-6, 1e-2}).has_value());
   fs::remove_all(o.out);
 }
 

@@ -92,12 +92,16 @@ TrainResult train(const TrainOptions& o, bool resume = false, std::ostream* log 
 
 // One run per learning rate, each in <out>/lr_<lr> (a single rate: <out> itself); returns the
 // best (eval accuracy, then eval loss), as Zoology's sweeps keep the best of several rates.
-TrainResult train_sweep(const TrainOptions& o, const std::vector<double>& lrs, bool resume = false, std::ostream* log = nullptr);
+// reuse_finished: a rate whose run finished earlier (finished_run) is read back, not trained, so
+// a long sweep can run in pieces.
+TrainResult train_sweep(const TrainOptions& o, const std::vector<double>& lrs, bool resume = false, std::ostream* log = nullptr,
+                        bool reuse_finished = false);
 // Where train_sweep puts the run of one learning rate: <o.out>/<sweep_dir(lr)> (several rates).
 std::string sweep_dir(double lr);
-// The result a finished sweep left in o.out (result.json of every rate, each run's options.json
-// equal to what o and that rate give now, all steps done), the best by the sweep's rule; nullopt
-// when any run is missing, unfinished or was made with other options.
+// The result a finished run left in r.out: its result.json, with options.json equal to r's
+// options and every step done; nullopt when missing, unfinished, unreadable or made otherwise.
+std::optional<TrainResult> finished_run(const TrainOptions& r);
+// The same for a whole sweep (every rate finished), the best by the sweep's rule.
 std::optional<TrainResult> finished_sweep(const TrainOptions& o, const std::vector<double>& lrs);
 
 // Accuracy by recall distance: for a supervised position t whose label is token x, the distance
