@@ -1,6 +1,7 @@
 // The kernel seam: plain functions over raw pointers, shapes and strides. One CPU and one CUDA
 // implementation per op; `ops/mix.cpp` is the only caller and the only place that sees tensors.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 
 #include "tokmix/pattern_desc.h"
@@ -68,6 +69,13 @@ void decode_step_cpu(const PatternDesc& pat, const DecodeProblem& pb, const T* q
 
 // Copies x [B, T, H, D] (any strides, D contiguous) into dst laid out [B, H, T, D] so that a
 // head's rows are contiguous, and reports whether every value is finite (one pass for both).
+// Large CPU arrays the kernels read far apart (a level's source rows) are backed by 2 MB pages:
+// with 4 KB pages a head's arrays span more pages than the TLB holds. Advises the whole 2 MB
+// pages inside [p, p + bytes) (madvise MADV_HUGEPAGE: the machines' transparent huge pages are
+// often "madvise" only); call before first touch.
+constexpr size_t kHugePage = size_t(2) << 20;
+void advise_huge_pages(void* p, size_t bytes);
+
 template <class T>
 bool relayout_to_heads_cpu(const T* x, int64_t B, int64_t Tn, int64_t H, int64_t D, int64_t sb, int64_t st, int64_t sh, T* dst);
 

@@ -9,6 +9,8 @@
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
+
+#include "tokmix/cuda_capture.h"
 #endif
 
 namespace tokmix::infer {
@@ -76,16 +78,7 @@ struct GraphDecoder::Impl {
         pos.add_(1);
         g->capture_end();
       } catch (...) {
-        // end the capture through the graph object (the allocator's capture bookkeeping ends
-        // with it); only if that fails, end it on the stream directly
-        try {
-          g->capture_end();
-        } catch (...) {
-          cudaGraph_t dead = nullptr;
-          cudaStreamEndCapture(stream.stream(), &dead);
-          if (dead) cudaGraphDestroy(dead);
-        }
-        cudaGetLastError();
+        abandon_capture(*g, stream.stream());
         graph[0].reset();
         graph[1].reset();
         restore();

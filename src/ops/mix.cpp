@@ -3,7 +3,6 @@
 
 #include <malloc.h>
 #include <omp.h>
-#include <sys/mman.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -20,6 +19,8 @@
 #ifdef TOKMIX_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDACachingAllocator.h>
+
+#include "tokmix/cuda_capture.h"
 #endif
 
 namespace tokmix {
@@ -40,16 +41,10 @@ std::string shape_str(const Tensor& t) {
 // Whether work on t's device is being captured into a CUDA graph (current stream). A capture
 // may not read the device, so the finiteness checks are skipped there: the eager call before a
 // capture checked the same kind of inputs, and a captured training step reports a non-finite
-// loss or gradient norm after each replay (train::GraphStep).
+// loss or gradient norm after each replay (the trainer's CudaStep).
 bool capturing_on(const Tensor& t) {
 #ifdef TOKMIX_WITH_CUDA
-  if (t.defined() && t.is_cuda()) {
-    cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
-    // an error here counts as capturing: the checks are skipped rather than risked
-    const bool err = cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(t.device().index()).stream(), &cs) != cudaSuccess;
-    if (err) cudaGetLastError();
-    return err || cs != cudaStreamCaptureStatusNone;
-  }
+  if (t.defined() && t.is_cuda()) return stream_capturing(at::cuda::getCurrentCUDAStream(t.device().index()).stream());
 #endif
   (void)t;
   return false;
@@ -194,12 +189,10 @@ class BlockCache {
           return p;
         }
     }
-    // 2 MB pages: the kernels read rows far apart (a level's source rows), and with 4 KB pages
-    // a head's arrays span thousands of pages, more than the TLB holds
-    constexpr size_t kHuge = size_t(2) << 20;
-    void* p = std::aligned_alloc(kHuge, (bytes + kHuge - 1) / kHuge * kHuge);
+    const size_t size = (bytes + kernels::kHugePage - 1) / kernels::kHugePage * kernels::kHugePage;
+    void* p = std::aligned_alloc(kernels::kHugePage, size);  // 2 MB pages (above)
     if (!p) throw std::bad_alloc();
-    madvise(p, (bytes + kHuge - 1) / kHuge * kHuge, MADV_HUGEPAGE);
+    kernels::advise_huge_pages(p, size);
     return p;
   }
   void give(void* p, size_t bytes) {
@@ -405,10 +398,7 @@ void queue_report(int slot, void* stream, std::vector<std::pair<int, std::string
 template <class Call>
 int32_t run_reported(kernels::CudaMix& m, std::vector<std::pair<int, std::string>> names, Call&& call) {
   int slot = -1;
-  cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
-  const bool err = cudaStreamIsCapturing(static_cast<cudaStream_t>(m.stream), &cs) != cudaSuccess;
-  if (err) cudaGetLastError();
-  m.capturing = err || cs != cudaStreamCaptureStatusNone;
+  m.capturing = stream_capturing(static_cast<cudaStream_t>(m.stream));
   if (m.capturing) {
     m.flags_out = nullptr;
     return call();  // no report: see capturing_on
@@ -896,13 +886,10 @@ torch::Tensor MixCache::step(const Tensor& q, const Tensor& k, const Tensor& v, 
   for (const Tensor* t : {&opt.bias, &opt.gate_weight})
     if (t->defined() && (t->scalar_type() != kA_.scalar_type() || t->device() != kA_.device()))
       badstep("bias and gate_weight must have the cache's dtype and device");
-  // A step being captured into a CUDA graph may not read the device: the eager step before the
-  // capture checked the same weights.
-  const bool capturing = capturing_on(q);
-  if (!capturing) {
-    check_finite(opt.bias, "bias");
-    if (gate) check_finite(opt.gate_weight, "gate_weight");
-  }
+  // skipped while a step is captured into a CUDA graph (check_finite): the eager step before the
+  // capture checked the same weights
+  check_finite(opt.bias, "bias");
+  if (gate) check_finite(opt.gate_weight, "gate_weight");
   if (gate && opt.bias.defined() && opt.gate_weight.defined() && opt.bias.size(-1) != opt.gate_weight.size(1))
     badstep("bias has " + std::to_string(opt.bias.size(-1)) + " levels and gate_weight " + std::to_string(opt.gate_weight.size(1)) +
             "; expected the same");
@@ -984,7 +971,7 @@ torch::Tensor MixCache::step(const Tensor& q, const Tensor& k, const Tensor& v, 
     int64_t* dbuf = dd.buf.data_ptr<int64_t>();
     auto dpos = [&](int p) { return dbuf + p * batch_; };
     auto dslot = [&](int p) { return dbuf + 2 * batch_ + p * batch_ * capB_; };
-    cuda_sync_state(pos_before, slots_before, capturing);
+    cuda_sync_state(pos_before, slots_before, capturing_on(q));
     kernels::CudaDecodeState st;
     st.pos_in = dpos(dd.par);
     st.pos_out = dpos(1 - dd.par);

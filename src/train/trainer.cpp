@@ -17,10 +17,15 @@
 #include "tokmix/nn/checkpoint.h"
 #include "tokmix/train/distributed.h"
 
-#ifdef TOKMIX_WITH_CUDA
+// The training step as device work (CudaStep) uses LibTorch 2's multi-tensor AdamW; a CUDA build
+// against an older LibTorch trains with the eager step.
+#if defined(TOKMIX_WITH_CUDA) && TORCH_VERSION_MAJOR >= 2
+#define TOKMIX_CUDA_STEP 1
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+
+#include "tokmix/cuda_capture.h"
 #endif
 
 namespace tokmix::train {
@@ -225,6 +230,18 @@ void cuda_autocast(bool on) {
   at::autocast::set_enabled(on);
 #endif
   if (!on) at::autocast::clear_cache();
+}
+
+// A non-finite loss or gradient norm stops the run before the update reaches the weights.
+void require_finite_loss(double lv, int64_t step) {
+  if (!std::isfinite(lv))
+    throw std::runtime_error("training loss is " + std::to_string(lv) + " at step " + std::to_string(step) +
+                             "; stopping (the last checkpoint is intact). Lower the learning rate or enable grad_clip.");
+}
+void require_finite_norm(double gnorm, int64_t step) {
+  if (!std::isfinite(gnorm))
+    throw std::runtime_error("gradient norm is " + std::to_string(gnorm) + " at step " + std::to_string(step) +
+                             "; stopping before the update (the last checkpoint is intact)");
 }
 
 double lr_at(const TrainOptions& o, int64_t step) {
@@ -471,18 +488,7 @@ EvalResult evaluate(nn::LanguageModelImpl& model, const data::CorpusInfo& corpus
 }
 
 namespace {
-#ifdef TOKMIX_WITH_CUDA
-// The training step on one GPU (not distributed), as device work only: forward, loss, backward,
-// gradient clipping and the AdamW update, with the loss and the gradient norm read back once at
-// the end. Nothing in it reads the device, so the same step can be captured into a CUDA graph
-// and replayed with new data, learning rate and bias corrections: a small model's eager step is
-// bound by the host (the paper preset's 2-layer d128 model: ~16 ms a step, hundreds of launches
-// through the dispatcher, the GPU ~7% busy), the replay is one launch. Eager and captured steps
-// run the same kernels, so a run resumed from a checkpoint repeats the uninterrupted one.
-// Clipping and the update follow torch::nn::utils::clip_grad_norm_ and torch::optim::AdamW, whose
-// state tensors (exp_avg, exp_avg_sq, step) are updated in place: checkpoints are the eager
-// path's. The update is skipped on the device when the loss or the gradient norm is not finite;
-// the host then throws after reading them, with the weights untouched.
+#ifdef TOKMIX_CUDA_STEP
 // The trainer's CUDA work on a pooled stream (ordered after what the default stream did before,
 // and waited for when the trainer returns).
 struct SideStream {
@@ -500,6 +506,17 @@ struct SideStream {
   }
 };
 
+// The training step on one GPU (not distributed), as device work only: forward, loss, backward,
+// gradient clipping and the AdamW update, with the loss and the gradient norm read back once at
+// the end. Nothing in it reads the device, so the same step can be captured into a CUDA graph
+// and replayed with new data and learning rate: a small model's eager step is
+// bound by the host (the paper preset's 2-layer d128 model: ~16 ms a step, hundreds of launches
+// through the dispatcher, the GPU ~7% busy), the replay is one launch. Eager and captured steps
+// run the same kernels, so a run resumed from a checkpoint repeats the uninterrupted one.
+// Clipping and the update follow torch::nn::utils::clip_grad_norm_ and torch::optim::AdamW, whose
+// state tensors (exp_avg, exp_avg_sq, step) are updated in place: checkpoints are the eager
+// path's. The update is skipped on the device when the loss or the gradient norm is not finite;
+// the host then throws after reading them, with the weights untouched.
 struct CudaStep {
   static constexpr int64_t kEagerSteps = 2;  // before the capture: warm-up of handles, pools, uploads
   nn::LanguageModelImpl& model;
@@ -512,8 +529,8 @@ struct CudaStep {
     int group;
   };
   std::vector<Param> params;
-  Tensor scal, scal_host;  // per group: lr, 1 - lr * wd, lr / bc1, sqrt(bc2) (device, pinned host)
-  std::vector<Tensor> dev_steps;
+  Tensor lr_dev, lr_host;         // the learning rate, every group's (device, pinned host)
+  std::vector<Tensor> dev_steps;  // the fused update's step counts (float32, device)
   // the captured step: static inputs and outputs
   std::unique_ptr<at::cuda::CUDAGraph> graph;
   Tensor g_input, g_labels, g_at, g_out;
@@ -526,11 +543,7 @@ struct CudaStep {
     auto& groups = opt.param_groups();
     for (size_t gi = 0; gi < groups.size(); ++gi)
       for (auto& p : groups[gi].params()) {
-#if TORCH_VERSION_MAJOR >= 2
         auto& slot = opt.state()[static_cast<void*>(p.unsafeGetTensorImpl())];
-#else
-        auto& slot = opt.state()[c10::guts::to_string(p.unsafeGetTensorImpl())];
-#endif
         if (!slot) {  // what AdamW::step creates on its first call
           auto st = std::make_unique<torch::optim::AdamWParamState>();
           st->step(0);
@@ -540,33 +553,16 @@ struct CudaStep {
         }
         params.push_back({p, static_cast<torch::optim::AdamWParamState*>(slot.get()), static_cast<int>(gi)});
       }
-    const int64_t ng = static_cast<int64_t>(groups.size());
-    scal = torch::zeros({ng, 4}, torch::TensorOptions().dtype(torch::kFloat32).device(dev));
-    scal_host = torch::zeros({ng, 4}, torch::TensorOptions().dtype(torch::kFloat32).pinned_memory(true));
-    // the fused update's step counts (float32 on the device), from the state's
-    for (auto& pr : params) dev_steps.push_back(torch::full({}, static_cast<double>(pr.st->step()), scal.options()));
+    lr_dev = torch::zeros({}, torch::TensorOptions().dtype(torch::kFloat32).device(dev));
+    lr_host = torch::zeros({}, torch::TensorOptions().dtype(torch::kFloat32).pinned_memory(true));
+    for (auto& pr : params) dev_steps.push_back(torch::full({}, static_cast<double>(pr.st->step()), lr_dev.options()));
   }
 
-  // Host side, before the step's device work: this step's scalars (steps count from 1).
-  void set_scalars(double lr) {
-    auto& groups = opt.param_groups();
-    float* h = scal_host.data_ptr<float>();
-    for (size_t gi = 0; gi < groups.size(); ++gi) {
-      auto& go = static_cast<torch::optim::AdamWOptions&>(groups[gi].options());
-      go.lr(lr);
-      int64_t step = 1;
-      for (auto& pr : params)
-        if (pr.group == static_cast<int>(gi)) {
-          step = pr.st->step() + 1;
-          break;
-        }
-      const double b1 = std::get<0>(go.betas()), b2 = std::get<1>(go.betas());
-      h[4 * gi + 0] = static_cast<float>(lr);
-      h[4 * gi + 1] = static_cast<float>(1.0 - lr * go.weight_decay());
-      h[4 * gi + 2] = static_cast<float>(lr / (1.0 - std::pow(b1, static_cast<double>(step))));
-      h[4 * gi + 3] = static_cast<float>(std::sqrt(1.0 - std::pow(b2, static_cast<double>(step))));
-    }
-    scal.copy_(scal_host, /*non_blocking=*/true);
+  // Host side, before the step's device work (the bias corrections come from dev_steps).
+  void set_lr(double lr) {
+    for (auto& g : opt.param_groups()) static_cast<torch::optim::AdamWOptions&>(g.options()).lr(lr);
+    lr_host.fill_(lr);
+    lr_dev.copy_(lr_host, /*non_blocking=*/true);
   }
   // Host side, after a step whose update ran: the parameters it updated (those with a
   // gradient, as in AdamW::step) count one more step.
@@ -598,8 +594,7 @@ struct CudaStep {
         with_grad.push_back(i);
       }
     stepped = with_grad;
-    if (grads.empty()) return torch::stack({loss.detach().to(torch::kFloat32), torch::zeros({}, scal.options())});
-#if TORCH_VERSION_MAJOR >= 2
+    if (grads.empty()) return torch::stack({loss.detach().to(torch::kFloat32), torch::zeros({}, lr_dev.options())});
     // multi-tensor kernels: a handful of launches for the whole model instead of ~15 per tensor
     Tensor gnorm = torch::stack(at::_foreach_norm(grads)).to(torch::kFloat32).norm();
     Tensor found_inf = torch::isfinite(gnorm).logical_and(torch::isfinite(loss.detach())).logical_not().to(torch::kFloat32);
@@ -623,31 +618,10 @@ struct CudaStep {
       }
       if (p.empty()) continue;
       // skips every write when found_inf is 1
-      at::_fused_adamw_(p, g, m, v, {}, st, scal[gi][0], std::get<0>(go.betas()), std::get<1>(go.betas()), go.weight_decay(),
+      at::_fused_adamw_(p, g, m, v, {}, st, lr_dev, std::get<0>(go.betas()), std::get<1>(go.betas()), go.weight_decay(),
                         go.eps(), /*amsgrad=*/false, /*maximize=*/false, /*grad_scale=*/c10::nullopt, found_inf);
     }
     at::_foreach_sub_(steps, std::vector<Tensor>(steps.size(), found_inf));  // a skipped step does not count
-#else
-    std::vector<Tensor> sq;
-    for (auto& g : grads) sq.push_back(g.to(torch::kFloat32).pow(2).sum());
-    Tensor gnorm = torch::stack(sq).sum().sqrt();
-    Tensor ok = torch::isfinite(gnorm).logical_and(torch::isfinite(loss.detach()));
-    Tensor coef;
-    if (o.grad_clip > 0) coef = gnorm.add(1e-6).reciprocal().mul(o.grad_clip).clamp_max(1.0);
-    for (size_t k = 0; k < with_grad.size(); ++k) {
-      const Param& pr = params[with_grad[k]];
-      auto& go = static_cast<torch::optim::AdamWOptions&>(opt.param_groups()[pr.group].options());
-      const double b1 = std::get<0>(go.betas()), b2 = std::get<1>(go.betas());
-      Tensor g = coef.defined() ? grads[k] * coef : grads[k];
-      Tensor s = scal[pr.group];
-      Tensor m = pr.st->exp_avg() * b1 + g * (1 - b1);
-      Tensor v = pr.st->exp_avg_sq() * b2 + g * g * (1 - b2);
-      Tensor pn = pr.p * s[1] - s[2] * m / (v.sqrt() / s[3] + go.eps());
-      pr.st->exp_avg().copy_(torch::where(ok, m, pr.st->exp_avg()));
-      pr.st->exp_avg_sq().copy_(torch::where(ok, v, pr.st->exp_avg_sq()));
-      pr.p.copy_(torch::where(ok, pn.to(pr.p.scalar_type()), pr.p));
-    }
-#endif
     return torch::stack({loss.detach().to(torch::kFloat32), gnorm.to(torch::kFloat32)});
   }
 
@@ -685,30 +659,19 @@ struct CudaStep {
     auto stream = c10::cuda::getCurrentCUDAStream(dev.index());
     stream.synchronize();
     auto g = std::make_unique<at::cuda::CUDAGraph>();
-#if TORCH_VERSION_MAJOR >= 2
     const bool cache = at::autocast::is_autocast_cache_enabled();
     at::autocast::set_autocast_cache_enabled(false);
-#endif
     try {
       g->capture_begin();
       g_out = device_step(g_input, g_labels, g_at, false);
       g->capture_end();
       graph = std::move(g);
     } catch (const std::exception& e) {
-      try {
-        g->capture_end();
-      } catch (...) {
-        cudaGraph_t dead = nullptr;
-        cudaStreamEndCapture(stream.stream(), &dead);
-        if (dead) cudaGraphDestroy(dead);
-      }
-      cudaGetLastError();
+      abandon_capture(*g, stream.stream());
       graph_failed = true;
       graph_note = std::string("the step could not be captured into a CUDA graph (") + e.what() + "); steps run eagerly";
     }
-#if TORCH_VERSION_MAJOR >= 2
     at::autocast::set_autocast_cache_enabled(cache);
-#endif
     // the capture recorded work but ran none of it: gradients and optimizer state are as before
   }
 };
@@ -809,7 +772,7 @@ TrainResult train(const TrainOptions& o, bool resume, std::ostream* log, int64_t
     return e;
   };
 
-#ifdef TOKMIX_WITH_CUDA
+#ifdef TOKMIX_CUDA_STEP
   // one GPU: the step as device work on a stream of its own (a capture needs one), see CudaStep
   std::unique_ptr<SideStream> side;
   std::unique_ptr<CudaStep> cstep;
@@ -818,35 +781,9 @@ TrainResult train(const TrainOptions& o, bool resume, std::ostream* log, int64_t
     cstep = std::make_unique<CudaStep>(*model, opt, o, dev);
   }
 #endif
-  const auto t0 = Clock::now();
-  int64_t tokens = 0;
-  double loss_avg = 0;
-  int64_t loss_n = 0;
-  int64_t step = start;
-  for (; step < o.steps; ++step) {
-    // distributed: this rank's rows of the global batch of batch_size * world_size
-    data::Batch b = dp ? dp->shard(src.get(step, o.batch_size * dp->world_size(), o.seed)) : src.get(step, o.batch_size, o.seed);
-    const double lr = lr_at(o, step);
-    double lv = 0, gnorm = 0;
-#ifdef TOKMIX_WITH_CUDA
-    if (cstep) {
-      cstep->set_scalars(lr);
-      std::tie(lv, gnorm) = cstep->step(b, step >= start + CudaStep::kEagerSteps);
-      check_finite_pending();  // reports of the eager steps' mixers
-      if (!cstep->graph_note.empty()) {
-        if (log) *log << "note: " << cstep->graph_note << "\n";
-        cstep->graph_note.clear();
-      }
-      if (!std::isfinite(lv))
-        throw std::runtime_error("training loss is " + std::to_string(lv) + " at step " + std::to_string(step) +
-                                 "; stopping before the update (the last checkpoint is intact). Lower the learning rate or enable grad_clip.");
-      if (!std::isfinite(gnorm))
-        throw std::runtime_error("gradient norm is " + std::to_string(gnorm) + " at step " + std::to_string(step) +
-                                 "; stopping before the update (the last checkpoint is intact)");
-      cstep->advance();
-    } else
-#endif
-    {
+  // The step through LibTorch's optimizer (CPU, distributed, or a CUDA build without CudaStep):
+  // a non-finite loss stops before the backward, a non-finite gradient norm before the update.
+  auto eager_step = [&](const data::Batch& b, double lr, int64_t step) {
     Tensor input = b.input.to(dev), labels = b.labels.to(dev);
     for (auto& g : opt.param_groups()) static_cast<torch::optim::AdamWOptions&>(g.options()).lr(lr);
     opt.zero_grad();
@@ -865,23 +802,46 @@ TrainResult train(const TrainOptions& o, bool resume, std::ostream* log, int64_t
     Tensor loss = dp ? dp->loss(flat_logits, flat_labels)
                      : torch::nn::functional::cross_entropy(flat_logits, flat_labels,
                                                             torch::nn::functional::CrossEntropyFuncOptions().ignore_index(data::kIgnore));
-    lv = loss.item<double>();
+    double lv = loss.item<double>();
     check_finite_pending();  // the forward's reports (the GPU is idle here after item())
-    if (!std::isfinite(lv))
-      throw std::runtime_error("training loss is " + std::to_string(lv) + " at step " + std::to_string(step) +
-                               "; stopping (the last checkpoint is intact). Lower the learning rate or enable grad_clip.");
+    require_finite_loss(lv, step);
     loss.backward();
     if (dp) lv = dp->finish_backward(lv);  // gradients and loss averaged over the ranks
     // the norm is computed either way: a non-finite gradient stops the run before it can reach
     // the weights (and so the next checkpoint)
-    gnorm = torch::nn::utils::clip_grad_norm_(model->parameters(),
+    const double gnorm = torch::nn::utils::clip_grad_norm_(model->parameters(),
                                                            o.grad_clip > 0 ? o.grad_clip : std::numeric_limits<double>::infinity());
     check_finite_pending();  // the backward's reports, before the update
-    if (!std::isfinite(gnorm))
-      throw std::runtime_error("gradient norm is " + std::to_string(gnorm) + " at step " + std::to_string(step) +
-                               "; stopping before the update (the last checkpoint is intact)");
+    require_finite_norm(gnorm, step);
     opt.step();
-    }
+    return std::make_pair(lv, gnorm);
+  };
+
+  const auto t0 = Clock::now();
+  int64_t tokens = 0;
+  double loss_avg = 0;
+  int64_t loss_n = 0;
+  int64_t step = start;
+  for (; step < o.steps; ++step) {
+    // distributed: this rank's rows of the global batch of batch_size * world_size
+    data::Batch b = dp ? dp->shard(src.get(step, o.batch_size * dp->world_size(), o.seed)) : src.get(step, o.batch_size, o.seed);
+    const double lr = lr_at(o, step);
+    double lv = 0, gnorm = 0;
+#ifdef TOKMIX_CUDA_STEP
+    if (cstep) {
+      cstep->set_lr(lr);
+      std::tie(lv, gnorm) = cstep->step(b, step >= start + CudaStep::kEagerSteps);
+      check_finite_pending();  // reports of the eager steps' mixers
+      if (!cstep->graph_note.empty()) {
+        if (log) *log << "note: " << cstep->graph_note << "\n";
+        cstep->graph_note.clear();
+      }
+      require_finite_loss(lv, step);
+      require_finite_norm(gnorm, step);  // the device skipped the update
+      cstep->advance();
+    } else
+#endif
+      std::tie(lv, gnorm) = eager_step(b, lr, step);
     tokens += b.input.numel() * (dp ? dp->world_size() : 1);
     loss_avg += lv;
     ++loss_n;

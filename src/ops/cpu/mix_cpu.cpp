@@ -385,11 +385,7 @@ struct UnitKernel {
     // G holds g = (I - B)^{-T} dy, row-contiguous; filled from dy, completed by scatter.
     if (G.size() < size_t(un.n * Dv)) {
       G.resize(un.n * Dv);
-      // 2 MB pages for G's far rows (see the op's block cache): the aligned interior
-      constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-      const uintptr_t b = (reinterpret_cast<uintptr_t>(G.data()) + kHuge - 1) & ~(kHuge - 1),
-                      e = reinterpret_cast<uintptr_t>(G.data() + G.size()) & ~(kHuge - 1);
-      if (e > b) madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);
+      advise_huge_pages(G.data(), G.size() * sizeof(T));
     }
     for (int64_t i = 0; i < un.n; ++i) {
       const T* src = dy + un.off_y + i * pb.sy.st;
@@ -520,6 +516,12 @@ struct UnitKernel {
 };
 
 }  // namespace
+
+void advise_huge_pages(void* p, size_t bytes) {
+  const uintptr_t b = (reinterpret_cast<uintptr_t>(p) + kHugePage - 1) & ~uintptr_t(kHugePage - 1),
+                  e = (reinterpret_cast<uintptr_t>(p) + bytes) & ~uintptr_t(kHugePage - 1);
+  if (e > b) madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);
+}
 
 // Calls fn.template operator()<DK, DV>() with the compile-time widths that match.
 template <class Fn>
