@@ -45,6 +45,7 @@ struct Case {
   bool bias;
   double gamma;
   std::vector<int64_t> lens;  // packed when non-empty (B must be 1)
+  bool dense_form = false;    // CUDA side through mix_dense (the CPU side is always mix)
 };
 
 // CUDA in `dt` against the CPU op in float64 on the same (rounded) inputs.
@@ -73,7 +74,7 @@ void check_case(const Case& c, torch::ScalarType dt) {
     o.bias = bb;
     o.gate_weight = gg;
     if (!cu.empty()) o.cu_seqlens = torch::tensor(cu, torch::kInt64);
-    Tensor y = mix(qq, kk, vv, *pat, o);
+    Tensor y = c.dense_form && dev.is_cuda() ? mix_dense(qq, kk, vv, *pat, o) : mix(qq, kk, vv, *pat, o);
     std::vector<Tensor> ins = {qq, vv};
     if (c.mode == "softmax") ins.push_back(kk);
     if (bb.defined()) ins.push_back(bb);
@@ -98,7 +99,7 @@ void check_case(const Case& c, torch::ScalarType dt) {
   }
   std::ostringstream head;
   head << c.spec << " " << c.mode << " " << (bf ? "bf16" : "fp32") << " B" << c.B << " T" << T << " H" << c.H << " Dk" << c.Dk
-       << " Dv" << c.Dv << (c.bias ? " bias" : "") << " gamma" << c.gamma << (c.lens.empty() ? "" : " packed");
+       << " Dv" << c.Dv << (c.bias ? " bias" : "") << " gamma" << c.gamma << (c.lens.empty() ? "" : " packed") << (c.dense_form ? " dense-form" : "");
   std::printf("%s %s:%s\n", ok ? "PASS" : "FAIL", head.str().c_str(), os.str().c_str());
   (ok ? g_pass : g_fail)++;
 }
@@ -329,6 +330,50 @@ void bench_dense_solve() {
   g_summary.push_back(buf);
 }
 
+// The dense form (mix_dense: batched products and one triangular solve) against the generic
+// kernel on the shapes where the layer picks it: MQAR-sized training batches of a dense B.
+void bench_dense_form(int64_t B, int64_t T, int64_t H, int64_t D) {
+  auto bf = torch::TensorOptions().device(torch::kCUDA).dtype(torch::kBFloat16);
+  auto pat = pattern_from_spec("dense");
+  MixOptions o;
+  o.bias = torch::zeros({H, pat->num_levels(T)}, bf).requires_grad_();
+  Tensor q = torch::randn({B, T, H, D}, bf).requires_grad_(), k = torch::randn({B, T, H, D}, bf).requires_grad_(),
+         v = torch::randn({B, T, H, D}, bf).requires_grad_(), dy = torch::randn({B, T, H, D}, bf);
+  auto fb = [&](bool dense) {
+    return [&, dense] {
+      Tensor y = dense ? mix_dense(q, k, v, *pat, o) : mix(q, k, v, *pat, o);
+      torch::autograd::grad({y}, {q, k, v, o.bias}, {dy});
+    };
+  };
+  set_finite_check(FiniteCheck::Deferred);  // as the trainer runs both
+  const double tg = time_ms(fb(false), 10, 2), td = time_ms(fb(true), 10, 2);
+  check_finite_pending();
+  set_finite_check(FiniteCheck::AtCall);
+  Tensor qh = q.transpose(1, 2).detach().requires_grad_(), kh = k.transpose(1, 2).detach().requires_grad_(),
+         vh = v.transpose(1, 2).detach().requires_grad_();
+  const double ts = time_ms([&] {
+    Tensor y = at::scaled_dot_product_attention(qh, kh, vh, c10::nullopt, 0.0, true);
+    torch::autograd::grad({y}, {qh, kh, vh}, {dy.transpose(1, 2)});
+  });
+  char buf[240];
+  std::snprintf(buf, sizeof buf,
+                "%-12s (%ld,%6ld,%ld,%3ld)  fwd+bwd: generic kernel %8.3f ms  dense form %8.3f ms (%.1fx)  sdpa %7.3f ms", "dense B",
+                (long)B, (long)T, (long)H, (long)D, tg, td, tg / td, ts);
+  std::printf("%s\n", buf);
+  g_summary.push_back(buf);
+}
+
+void dense_form_checks() {
+  for (auto dt : {torch::kFloat32, torch::kBFloat16})
+    for (const char* s : {"dense", "A=local:3;B=dense", "A=attention;B=dense", "attention"})
+      for (std::string mode : {"softmax", "gate"}) {
+        check_case({s, mode, 2, 29, 2, 5, 3, false, 1.0, {}, true}, dt);
+        check_case({s, mode, 1, 200, 2, 64, 64, true, 0.9, {}, true}, dt);
+        check_case({s, mode, 1, 1, 1, 4, 4, true, 1.0, {}, true}, dt);
+        check_case({s, mode, 1, 37, 3, 12, 10, true, 0.7, {}, true}, dt);
+      }
+}
+
 // SDPA over a KV cache of ctx tokens: the attention decode step of a serving stack
 double sdpa_decode_ms(int64_t batch, int64_t ctx, int64_t H, int64_t D) {
   auto bf = torch::TensorOptions().device(torch::kCUDA).dtype(torch::kBFloat16);
@@ -406,6 +451,16 @@ int main(int argc, char** argv) {
     torch::cuda::synchronize();
     return 0;
   }
+  if (argc > 1 && std::string(argv[1]) == "--dense") {
+    // only the dense form: its checks and its timing against the generic kernel
+    torch::manual_seed(std::random_device{}());
+    dense_form_checks();
+    std::printf("correctness: %d passed, %d failed\n", g_pass, g_fail);
+    bench_dense_form(64, 256, 2, 64);
+    bench_dense_form(8, 1024, 8, 64);
+    for (auto& l : g_summary) std::printf("%s\n", l.c_str());
+    return g_fail ? 1 : 0;
+  }
   const bool bench = !(argc > 1 && std::string(argv[1]) == "--check-only");
   // --decode: only the decode checks and the decode benchmark
   const bool decode_only = argc > 1 && std::string(argv[1]) == "--decode";
@@ -457,6 +512,7 @@ int main(int argc, char** argv) {
   for (const char* s : {"pow2", "sq1-lattice", "attention"})
     for (auto dt : {torch::kFloat32, torch::kBFloat16})
       if (!decode_only) check_mix_nan(s, dt);
+  if (!decode_only) dense_form_checks();
   std::printf("correctness: %d passed, %d failed\n", g_pass, g_fail);
   if (decode_only) {
     bench_decode("pow2-lattice");

@@ -28,6 +28,19 @@ torch::Tensor mix(const torch::Tensor& q, const torch::Tensor& k, const torch::T
 torch::Tensor mix(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const std::string& pattern,
                   const MixOptions& opt = {});
 
+// The same op as one dense solve: the coefficients [A | B] are materialized as T x T matrices per
+// (batch, head) and (I - B) Y = A X is solved with a triangular solve, differentiable through
+// LibTorch. O(T^2) time and memory per head, for short sequences of patterns whose supports are
+// windows (attention, local, dense recurrence and their hybrids): there the generic kernel runs
+// each head's rows one after another, while this form is a few batched matrix products and one
+// batched triangular solve (the layer uses it on the GPU up to dense_solve_max_T). Computes in
+// float32 (float64 for float64 inputs) whatever autocast says; returns v's dtype. No
+// cu_seqlens; offsets and lattices on the B side are refused (use mix).
+torch::Tensor mix_dense(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const Pattern& pattern,
+                        const MixOptions& opt = {});
+bool mix_dense_serves(const Pattern& pattern);  // both supports are windows (or self, or no B)
+constexpr int64_t dense_solve_max_T = 1024;
+
 // When NaN or Inf in q, k, v (forward) or dy (backward) is reported on CUDA. AtCall (default):
 // the call waits for its kernels and throws. Deferred: the kernels' report is copied behind them
 // and the call returns at once, so the host runs ahead of the GPU as with any CUDA op; a report

@@ -690,6 +690,89 @@ torch::Tensor mix(const Tensor& q, const Tensor& k, const Tensor& v, const Patte
   return mix(q, k, v, pattern.spec(), opt);
 }
 
+bool mix_dense_serves(const Pattern& pattern) {
+  const SupportKind a = pattern.A().kind, b = pattern.B().kind;
+  return (a == SupportKind::Self || a == SupportKind::Window) && (b == SupportKind::None || b == SupportKind::Window);
+}
+
+namespace {
+// Levels of window entries at distance d (a [T, T] tensor, any sign; entries outside the window
+// are masked by the caller): window_level(d) on the device, in integers (no host table, so a
+// step captured into a CUDA graph can build it): d below 16, else 16 + floor(log2 d) - 4, with
+// floor(log2 d) = #{l >= 1 : 2^l <= d}.
+Tensor window_levels(const Tensor& d, int64_t T) {
+  Tensor dd = d.clamp_min(0);
+  Tensor lg = torch::zeros_like(dd);
+  for (int64_t l = 1; (int64_t(1) << l) <= std::max<int64_t>(T, 1); ++l) lg = lg + dd.ge(int64_t(1) << l).to(dd.scalar_type());
+  return torch::where(dd.lt(16), dd, lg + 12);
+}
+}  // namespace
+
+torch::Tensor mix_dense(const Tensor& q, const Tensor& k, const Tensor& v, const Pattern& pat, const MixOptions& opt) {
+  const Checked c = check(q, k, v, pat, opt);
+  if (opt.cu_seqlens.defined()) bad("mix_dense takes no cu_seqlens (use mix for packed sequences)");
+  if (!mix_dense_serves(pat))
+    bad("mix_dense serves patterns whose A and B supports are windows (attention, local, dense and their hybrids); pattern '" +
+        pat.spec() + "' is not one (use mix)");
+  const bool gate = c.pb.mode == kernels::Mode::Gate;
+  const bool at_call = !(q.is_cuda() && finite_mode() == FiniteCheck::Deferred);  // deferred: the trainer checks the loss
+  if (at_call) {
+    check_finite(q, "q");
+    if (!gate) check_finite(k, "k");
+    check_finite(v, "v");
+  }
+  const int64_t T = c.pb.T;
+  // float32 arithmetic whatever autocast says (the kernels' contract), float64 kept
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const auto ct = q.scalar_type() == torch::kFloat64 ? torch::kFloat64 : torch::kFloat32;
+  Tensor qh = q.to(ct).transpose(1, 2), vh = v.to(ct).transpose(1, 2);  // [B, H, T, D]
+  auto oi = torch::TensorOptions().dtype(torch::kInt64).device(q.device());
+  Tensor ar = torch::arange(T, oi);
+  Tensor d = ar.unsqueeze(1) - ar.unsqueeze(0);  // i - j
+  Tensor lv = window_levels(d, T);
+  const Side& A = pat.A();
+  const Side& Bs = pat.B();
+  Tensor maskA = A.kind == SupportKind::Self ? d.eq(0) : (A.window > 0 ? d.ge(0).logical_and(d.lt(A.window)) : d.ge(0));
+  Tensor lvA = A.kind == SupportKind::Self ? torch::zeros_like(d) : lv;
+  const bool hasB = Bs.kind == SupportKind::Window;
+  Tensor maskB, lvB;
+  if (hasB) {
+    maskB = Bs.window > 0 ? d.ge(1).logical_and(d.le(Bs.window)) : d.ge(1);
+    lvB = window_levels(d - 1, T) + pat.num_A_levels();
+  }
+  // scores of each side, [B, H, T, T]
+  Tensor qk;
+  if (!gate) qk = torch::matmul(qh, k.to(ct).transpose(1, 2).transpose(-2, -1)) * c.pb.scale;
+  Tensor qw = gate ? torch::einsum("bhtd,hld->bhtl", {qh, opt.gate_weight.to(ct)}) : Tensor();  // [B, H, T, L]
+  auto side_scores = [&](const Tensor& mask, const Tensor& lvl) {
+    Tensor s;
+    if (gate) {
+      Tensor idx = lvl.clamp(0, qw.size(-1) - 1).unsqueeze(0).unsqueeze(0).expand({qw.size(0), qw.size(1), T, T});
+      s = qw.gather(-1, idx);
+    } else {
+      s = qk;
+    }
+    if (opt.bias.defined()) {
+      const int64_t H = opt.bias.size(0);
+      s = s + opt.bias.to(ct).index_select(1, lvl.clamp(0, opt.bias.size(1) - 1).flatten()).view({H, T, T}).unsqueeze(0);
+    }
+    return s.masked_fill(mask.logical_not(), -std::numeric_limits<double>::infinity());
+  };
+  Tensor sA = side_scores(maskA, lvA);
+  Tensor y;
+  if (!hasB) {
+    y = torch::matmul(torch::softmax(sA, -1), vh);
+  } else {
+    // one softmax over SA(i) and SB(i) together (a position in both is two entries)
+    Tensor p = torch::softmax(torch::cat({sA, side_scores(maskB, lvB)}, -1), -1);
+    Tensor pA = p.narrow(-1, 0, T), pB = p.narrow(-1, T, T);
+    // (I - gamma pB) y = pA v; pB is strictly lower, so I - gamma pB is unit lower triangular
+    Tensor m = pB * (-c.pb.gamma);
+    y = torch::linalg_solve_triangular(m, torch::matmul(pA, vh), /*upper=*/false, /*left=*/true, /*unitriangular=*/true);
+  }
+  return y.transpose(1, 2).to(v.scalar_type());
+}
+
 void set_threads(int n) {
   if (n <= 0) n = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   // Keep large tensor buffers in the heap between calls: glibc's default returns each one to the

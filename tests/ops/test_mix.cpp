@@ -99,8 +99,8 @@ std::string name(const Case& c) {
          std::to_string(c.Dk) + " Dv" + std::to_string(c.Dv) + (c.bias ? " bias" : "") + " gamma" + std::to_string(c.gamma);
 }
 
-// Forward and every gradient of the op against the dense reference in float64.
-void check_case(const Case& c) {
+// Forward and every gradient of the op (or of its dense form) against the dense reference in float64.
+void check_case(const Case& c, bool dense_form = false) {
   SCOPED_TRACE(name(c));
   torch::manual_seed(fresh_seed());
   auto d = torch::TensorOptions().dtype(torch::kFloat64);
@@ -116,7 +116,7 @@ void check_case(const Case& c) {
   if (c.mode == "gate") o.gate_weight = torch::randn({c.H, L, c.Dk}, d).requires_grad_();
   Tensor dy = torch::randn({c.B, c.T, c.H, c.Dv}, d);
 
-  Tensor y = mix(q, k, v, *pat, o);
+  Tensor y = dense_form ? mix_dense(q, k, v, *pat, o) : mix(q, k, v, *pat, o);
   Tensor yr = reference(q, k, v, *pat, o);
   EXPECT_LT(rel_err(y, yr), 1e-11);
   std::vector<Tensor> inputs = {q, v};
@@ -143,6 +143,44 @@ TEST(Mix, EdgeSizes) {
     check_case({s, "softmax", 1, 1, 1, 4, 4, true, 1.0});   // T = 1
     check_case({s, "softmax", 3, 2, 2, 7, 5, false, 1.0});  // T = 2
     check_case({s, "softmax", 1, 37, 3, 12, 10, true, 0.7});  // prime T, D not a power of two
+  }
+}
+
+TEST(Mix, DenseFormAgainstDenseReference) {
+  // mix_dense builds its masks and levels on the device from distances; the reference reads them
+  // from the pattern row by row. T = 300 reaches window levels 16..20 (distances 16..299).
+  for (std::string s : {"attention", "local:5", "dense", "A=local:3;B=dense", "A=attention;B=dense", "A=local:40;B=dense"})
+    for (std::string mode : {"softmax", "gate"}) {
+      check_case({s, mode, 2, 29, 2, 5, 3, true, 1.0}, true);
+      check_case({s, mode, 1, 1, 1, 4, 4, true, 0.9}, true);   // T = 1
+      check_case({s, mode, 1, 300, 2, 6, 7, true, 0.8}, true);  // D not a power of two
+      check_case({s, mode, 3, 17, 1, 3, 6, false, 1.0}, true);
+    }
+}
+
+TEST(Mix, DenseFormRefusesWhatItDoesNotServe) {
+  auto d = torch::TensorOptions().dtype(torch::kFloat64);
+  Tensor q = torch::randn({1, 8, 2, 4}, d);
+  for (std::string s : {"pow2", "first-order", "sq1-lattice", "A=local:3;B=pow2"}) {
+    EXPECT_FALSE(mix_dense_serves(*pattern_from_spec(s))) << s;
+    try {
+      mix_dense(q, q, q, *pattern_from_spec(s));
+      ADD_FAILURE() << s << " accepted";
+    } catch (const std::invalid_argument& e) {
+      EXPECT_NE(std::string(e.what()).find("'" + s + "' is not one"), std::string::npos) << e.what();
+    }
+  }
+  EXPECT_TRUE(mix_dense_serves(*pattern_from_spec("dense")));
+  MixOptions o;
+  o.cu_seqlens = torch::tensor({0, 3, 8}, torch::kInt64);
+  EXPECT_THROW(mix_dense(q, q, q, *pattern_from_spec("dense"), o), std::invalid_argument);
+  Tensor bad = q.clone();
+  bad[0][2][1][0] = std::numeric_limits<double>::quiet_NaN();
+  try {
+    mix_dense(q, q, bad, *pattern_from_spec("dense"));
+    ADD_FAILURE() << "NaN in v accepted";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("v contains NaN"), std::string::npos) << e.what();
   }
 }
 
