@@ -4,11 +4,11 @@
 # and copies results.json, settings.json, table1.dat and runs.tgz (every run's result.json and
 # options.json, no checkpoints) to $OUT. Runs (one learning rate of one structure and task)
 # already finished in $RUNS with the same settings are reused, so the preset can run in pieces
-# across calls of 10 minutes (a dense-recurrence run takes ~2.6): unpack an earlier runs.tgz into
-# $RUNS (default build-table1), carry that folder, pass --only for the rows still missing, and
-# a last call without --only prints the whole table. All nine rows take about 50 minutes of one
-# H200: ~3 minutes a row (three tasks x four learning rates x 4000 steps), the dense
-# recurrence ~30 (its generic solver trains at ~0.4M tokens/s against ~4.5M).
+# across calls of 10 minutes: unpack an earlier runs.tgz into $RUNS (default build-table1), carry
+# that folder, pass --only for the rows still missing, and a last call without --only prints the
+# whole table. All nine rows take about 30 minutes of one H200 (108 runs of 4000 steps, 13-16 s
+# each, the dense recurrence 25 s through its dense form); options.json records --out, so a run
+# is reused only from the same folder name.
 #   scripts/gpu-table1.sh --only pow2,sq1        (carry: build-deps, and build-table1 to resume)
 set -euo pipefail
 cd "$(dirname "$0")/.."
