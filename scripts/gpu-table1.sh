@@ -7,8 +7,9 @@
 # across calls of 10 minutes: unpack an earlier runs.tgz into $RUNS (default build-table1), carry
 # that folder, pass --only for the rows still missing, and a last call without --only prints the
 # whole table. All nine rows take about 30 minutes of one H200 (108 runs of 4000 steps, 13-16 s
-# each, the dense recurrence 25 s through its dense form); options.json records --out, so a run
-# is reused only from the same folder name.
+# each, the dense recurrence 25 s through its dense form). The runs can be read back anywhere:
+# `tokmix reproduce table1 --preset paper --device cuda --resume --out DIR` on a CPU machine, with
+# every run finished in DIR, prints the table and draws the chart without training.
 #   scripts/gpu-table1.sh --only pow2,sq1        (carry: build-deps, and build-table1 to resume)
 set -euo pipefail
 cd "$(dirname "$0")/.."

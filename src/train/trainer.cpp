@@ -945,8 +945,12 @@ std::optional<TrainResult> finished_run(const TrainOptions& r) {
   try {
     std::ifstream ro(fs::path(r.out) / "result.json"), oo(fs::path(r.out) / "options.json");
     if (r.out.empty() || !ro || !oo) return std::nullopt;
-    const nlohmann::json res = nlohmann::json::parse(ro), opt = nlohmann::json::parse(oo);
-    if (opt != r.to_json() || res.value("steps", int64_t(-1)) != r.steps) return std::nullopt;
+    nlohmann::json res = nlohmann::json::parse(ro), opt = nlohmann::json::parse(oo), want = r.to_json();
+    // the folder is where the run is found, not one of its settings: a moved or copied run
+    // (results brought back from another machine) is the same run
+    opt.erase("out");
+    want.erase("out");
+    if (opt != want || res.value("steps", int64_t(-1)) != r.steps) return std::nullopt;
     TrainResult t;
     t.steps = res.at("steps").get<int64_t>();
     t.final_loss = res.value("final_loss", 0.0);

@@ -180,6 +180,16 @@ TEST(Trainer, LearningRateSweepKeepsTheBestRun) {
   EXPECT_TRUE(fs::exists(fs::path(o.out) / "lr_1e-06" / "result.json"));
   EXPECT_EQ(fs::last_write_time(fs::path(o.out) / "lr_0.01" / "result.json"), kept) << "the finished run was trained again";
   EXPECT_TRUE(train::finished_sweep(o, {1e-6, 1e-2}).has_value());
+  // runs brought back into another folder (options.json still names the old one) are reused
+  auto moved = o;
+  moved.out = o.out + "-moved";
+  fs::remove_all(moved.out);
+  fs::copy(o.out, moved.out, fs::copy_options::recursive);
+  auto back = train::finished_sweep(moved, {1e-6, 1e-2});
+  ASSERT_TRUE(back.has_value()) << "a moved sweep was not recognised";
+  EXPECT_EQ(back->eval.accuracy, best.eval.accuracy);
+  EXPECT_EQ(back->out, (fs::path(moved.out) / "lr_0.01").string());
+  fs::remove_all(moved.out);
   fs::remove_all(o.out);
 }
 

@@ -99,7 +99,8 @@ TrainResult train_sweep(const TrainOptions& o, const std::vector<double>& lrs, b
 // Where train_sweep puts the run of one learning rate: <o.out>/<sweep_dir(lr)> (several rates).
 std::string sweep_dir(double lr);
 // The result a finished run left in r.out: its result.json, with options.json equal to r's
-// options and every step done; nullopt when missing, unfinished, unreadable or made otherwise.
+// options (but for "out": a run may have been moved) and every step done; nullopt when missing,
+// unfinished, unreadable or made otherwise.
 std::optional<TrainResult> finished_run(const TrainOptions& r);
 // The same for a whole sweep (every rate finished), the best by the sweep's rule.
 std::optional<TrainResult> finished_sweep(const TrainOptions& o, const std::vector<double>& lrs);
