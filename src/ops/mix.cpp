@@ -722,6 +722,7 @@ torch::Tensor mix_dense(const Tensor& q, const Tensor& k, const Tensor& v, const
     check_finite(v, "v");
   }
   const int64_t T = c.pb.T;
+  if (T == 0) return torch::zeros_like(v);
   // float32 arithmetic whatever autocast says (the kernels' contract), float64 kept
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const auto ct = q.scalar_type() == torch::kFloat64 ? torch::kFloat64 : torch::kFloat32;

@@ -171,6 +171,7 @@ TEST(Mix, DenseFormRefusesWhatItDoesNotServe) {
     }
   }
   EXPECT_TRUE(mix_dense_serves(*pattern_from_spec("dense")));
+  EXPECT_EQ(mix_dense(q.narrow(1, 0, 0), q.narrow(1, 0, 0), q.narrow(1, 0, 0), *pattern_from_spec("dense")).size(1), 0) << "T = 0";
   MixOptions o;
   o.cu_seqlens = torch::tensor({0, 3, 8}, torch::kInt64);
   EXPECT_THROW(mix_dense(q, q, q, *pattern_from_spec("dense"), o), std::invalid_argument);
