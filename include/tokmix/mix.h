@@ -35,11 +35,18 @@ torch::Tensor mix(const torch::Tensor& q, const torch::Tensor& k, const torch::T
 // each head's rows one after another, while this form is a few batched matrix products and one
 // batched triangular solve (the layer uses it on the GPU up to dense_solve_max_T). Computes in
 // float32 (float64 for float64 inputs) whatever autocast says; returns v's dtype. No
-// cu_seqlens; offsets and lattices on the B side are refused (use mix).
+// cu_seqlens; offsets and lattices on the B side are refused (use mix). NaN or Inf in q, k, v
+// is refused at the call, except on CUDA with FiniteCheck::Deferred, where it reaches the loss
+// (which the trainer refuses) without a read of the device here.
 torch::Tensor mix_dense(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const Pattern& pattern,
                         const MixOptions& opt = {});
-bool mix_dense_serves(const Pattern& pattern);  // both supports are windows (or self, or no B)
+// Both supports are windows (or self, or no B).
+bool mix_dense_serves(const Pattern& pattern);
+// Where the layer takes mix_dense on the GPU: T <= dense_solve_max_T and B * H * T^2 at most
+// dense_solve_max_elements (the backward keeps ~12 bytes per element: 1.6 GB a layer at most).
+// Its outputs equal mix's to float32 rounding (decoding goes through MixCache).
 constexpr int64_t dense_solve_max_T = 1024;
+constexpr int64_t dense_solve_max_elements = int64_t(1) << 27;
 
 // When NaN or Inf in q, k, v (forward) or dy (backward) is reported on CUDA. AtCall (default):
 // the call waits for its kernels and throws. Deferred: the kernels' report is copied behind them

@@ -209,7 +209,8 @@ Tensor TokenMixerImpl::forward(const Tensor& x, const TokenPositions& p) {
   if (fused()) {
     y = attend_fused(q, k, v, p);
   } else if (x.is_cuda() && !force_generic_ && !p.cu_seqlens.defined() && mix_dense_serves(*pattern_) &&
-             pattern_->B().kind != SupportKind::None && q.size(1) <= dense_solve_max_T) {
+             pattern_->B().kind != SupportKind::None && q.size(1) <= dense_solve_max_T &&
+             q.size(0) * q.size(2) * q.size(1) * q.size(1) <= dense_solve_max_elements) {
     // a dense B on short sequences: batched products and one triangular solve beat the generic
     // kernel's row-by-row chain (dense recurrence, MQAR T = 256: docs/perf-notes.md, "Dense form")
     y = mix_dense(q, k, v, *pattern_, mix_options());

@@ -747,6 +747,8 @@ torch::Tensor mix_dense(const Tensor& q, const Tensor& k, const Tensor& v, const
   Tensor qw = gate ? torch::einsum("bhtd,hld->bhtl", {qh, opt.gate_weight.to(ct)}) : Tensor();  // [B, H, T, L]
   auto side_scores = [&](const Tensor& mask, const Tensor& lvl) {
     Tensor s;
+    // check() made the level tables at least num_levels(T) long; the clamps only keep masked
+    // entries (distances outside the window) inside the table
     if (gate) {
       Tensor idx = lvl.clamp(0, qw.size(-1) - 1).unsqueeze(0).unsqueeze(0).expand({qw.size(0), qw.size(1), T, T});
       s = qw.gather(-1, idx);

@@ -3,6 +3,7 @@
 // packed batches; decoding against the parallel form; bad input.
 #include <gtest/gtest.h>
 #include <torch/torch.h>
+#include <ATen/autocast_mode.h>
 
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -156,6 +157,39 @@ TEST(Mix, DenseFormAgainstDenseReference) {
       check_case({s, mode, 1, 300, 2, 6, 7, true, 0.8}, true);  // D not a power of two
       check_case({s, mode, 3, 17, 1, 3, 6, false, 1.0}, true);
     }
+}
+
+// The dense form computes in float32 whatever autocast says: with CPU autocast to bfloat16 on,
+// its products would otherwise run in bfloat16 (errors ~1e-2).
+TEST(Mix, DenseFormIgnoresAutocast) {
+  torch::manual_seed(fresh_seed());
+  auto pat = pattern_from_spec("dense");
+  const int64_t T = 40, H = 2, D = 16;
+  Tensor q = torch::randn({2, T, H, D}), k = torch::randn({2, T, H, D}), v = torch::randn({2, T, H, D});
+  MixOptions o;
+  o.bias = torch::randn({H, pat->num_levels(T)});
+  Tensor plain = mix_dense(q, k, v, *pat, o);
+  const auto was_dtype = at::autocast::get_autocast_cpu_dtype();
+#if TORCH_VERSION_MAJOR >= 2
+  at::autocast::set_autocast_dtype(at::kCPU, at::kBFloat16);
+  at::autocast::set_autocast_enabled(at::kCPU, true);
+#else
+  at::autocast::set_autocast_cpu_dtype(at::kBFloat16);
+  at::autocast::set_cpu_enabled(true);
+#endif
+  Tensor mm = torch::matmul(q, k.transpose(-2, -1));  // autocast is on: a bfloat16 product
+  Tensor under = mix_dense(q, k, v, *pat, o);
+#if TORCH_VERSION_MAJOR >= 2
+  at::autocast::set_autocast_enabled(at::kCPU, false);
+  at::autocast::set_autocast_dtype(at::kCPU, was_dtype);
+#else
+  at::autocast::set_cpu_enabled(false);
+  at::autocast::set_autocast_cpu_dtype(was_dtype);
+#endif
+  at::autocast::clear_cache();
+  ASSERT_EQ(mm.scalar_type(), torch::kBFloat16) << "CPU autocast did not take effect; the test proves nothing";
+  EXPECT_EQ(under.scalar_type(), torch::kFloat32);
+  EXPECT_LT(rel_err(under, plain), 1e-6);
 }
 
 TEST(Mix, DenseFormRefusesWhatItDoesNotServe) {
