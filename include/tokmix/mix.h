@@ -42,11 +42,17 @@ torch::Tensor mix_dense(const torch::Tensor& q, const torch::Tensor& k, const to
                         const MixOptions& opt = {});
 // Both supports are windows (or self, or no B).
 bool mix_dense_serves(const Pattern& pattern);
-// Where the layer takes mix_dense on the GPU: T <= dense_solve_max_T and B * H * T^2 at most
-// dense_solve_max_elements (the backward keeps ~12 bytes per element: 1.6 GB a layer at most).
-// Its outputs equal mix's to float32 rounding (decoding goes through MixCache).
+// Where the layer takes mix_dense on the GPU: a B side that is a window (dense recurrence),
+// T <= dense_solve_max_T and B * H * T^2 at most dense_solve_max_elements (the backward keeps
+// ~12 bytes per element: 1.6 GB a layer at most). Its outputs equal mix's to float32 rounding
+// (decoding goes through MixCache).
 constexpr int64_t dense_solve_max_T = 1024;
 constexpr int64_t dense_solve_max_elements = int64_t(1) << 27;
+bool mix_dense_preferred(const Pattern& pattern, int64_t batch, int64_t H, int64_t T);
+// window_level(d) of every element of an int64 tensor of distances 0 <= d <= max_distance, on
+// its device, without a host table (a step captured into a CUDA graph may not copy from
+// pageable memory). Negative distances give level 0 (callers mask them).
+torch::Tensor window_levels(const torch::Tensor& distance, int64_t max_distance);
 
 // When NaN or Inf in q, k, v (forward) or dy (backward) is reported on CUDA. AtCall (default):
 // the call waits for its kernels and throws. Deferred: the kernels' report is copied behind them

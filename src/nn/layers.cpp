@@ -74,9 +74,7 @@ Tensor fused_attention(const Tensor& q, const Tensor& k, const Tensor& v, const 
     if (bias.defined()) {
       // distances outside the window are masked; clamp them to a level the table has
       Tensor dd = window > 0 ? d.clamp(0, window - 1) : d.clamp_min(0);
-      // window_level(d) on the device (no host table: a step captured into a CUDA graph may not
-      // copy from pageable memory): d below 16, then 16 + floor(log2 d) - 4 (exact in float64)
-      Tensor level = torch::where(dd.lt(16), dd, dd.to(torch::kFloat64).clamp_min(1).log2().floor().to(torch::kInt64) + 12).flatten();
+      Tensor level = window_levels(dd, T).flatten();
       Tensor bm = bias.index_select(1, level).view({H, T, T}).unsqueeze(0);
       mask = bm.masked_fill(allowed.logical_not(), -std::numeric_limits<double>::infinity());
     } else {
@@ -208,9 +206,7 @@ Tensor TokenMixerImpl::forward(const Tensor& x, const TokenPositions& p) {
   Tensor y;
   if (fused()) {
     y = attend_fused(q, k, v, p);
-  } else if (x.is_cuda() && !force_generic_ && !p.cu_seqlens.defined() && mix_dense_serves(*pattern_) &&
-             pattern_->B().kind != SupportKind::None && q.size(1) <= dense_solve_max_T &&
-             q.size(0) * q.size(2) * q.size(1) * q.size(1) <= dense_solve_max_elements) {
+  } else if (x.is_cuda() && !force_generic_ && !p.cu_seqlens.defined() && mix_dense_preferred(*pattern_, q.size(0), q.size(2), q.size(1))) {
     // a dense B on short sequences: batched products and one triangular solve beat the generic
     // kernel's row-by-row chain (dense recurrence, MQAR T = 256: docs/perf-notes.md, "Dense form")
     y = mix_dense(q, k, v, *pattern_, mix_options());

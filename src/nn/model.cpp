@@ -94,10 +94,7 @@ Tensor LanguageModelImpl::hidden(const Tensor& tokens, const TokenPositions& p) 
   check_tokens(tokens);
   if (!p.pos.defined() || !p.pos.sizes().equals(tokens.sizes()))
     throw std::invalid_argument("LanguageModel::forward: positions must have the tokens' shape [B, T]");
-  const int64_t longest = p.one_per_row ? tokens.size(1) : (p.pos.numel() > 0 ? p.pos.max().item<int64_t>() + 1 : 0);
-  if (longest > cfg_.max_context)
-    throw std::invalid_argument("LanguageModel::forward: a sequence of " + std::to_string(longest) + " tokens exceeds max_context = " +
-                                std::to_string(cfg_.max_context));
+  check_length(p.one_per_row ? tokens.size(1) : (p.pos.numel() > 0 ? p.pos.max().item<int64_t>() + 1 : 0));
   return blocks_forward(tokens, p);
 }
 
@@ -110,8 +107,12 @@ Tensor LanguageModelImpl::blocks_forward(const Tensor& tokens, const TokenPositi
 void LanguageModelImpl::check_batch(const Tensor& tokens) const {
   if (tokens.dim() != 2) throw std::invalid_argument("LanguageModel::forward: tokens must be [B, T]");
   check_tokens(tokens);
-  if (tokens.size(1) > cfg_.max_context)
-    throw std::invalid_argument("LanguageModel::forward: a sequence of " + std::to_string(tokens.size(1)) + " tokens exceeds max_context = " +
+  check_length(tokens.size(1));
+}
+
+void LanguageModelImpl::check_length(int64_t longest) const {
+  if (longest > cfg_.max_context)
+    throw std::invalid_argument("LanguageModel::forward: a sequence of " + std::to_string(longest) + " tokens exceeds max_context = " +
                                 std::to_string(cfg_.max_context));
 }
 

@@ -695,18 +695,19 @@ bool mix_dense_serves(const Pattern& pattern) {
   return (a == SupportKind::Self || a == SupportKind::Window) && (b == SupportKind::None || b == SupportKind::Window);
 }
 
-namespace {
-// Levels of window entries at distance d (a [T, T] tensor, any sign; entries outside the window
-// are masked by the caller): window_level(d) on the device, in integers (no host table, so a
-// step captured into a CUDA graph can build it): d below 16, else 16 + floor(log2 d) - 4, with
-// floor(log2 d) = #{l >= 1 : 2^l <= d}.
-Tensor window_levels(const Tensor& d, int64_t T) {
-  Tensor dd = d.clamp_min(0);
+bool mix_dense_preferred(const Pattern& pattern, int64_t batch, int64_t H, int64_t T) {
+  return mix_dense_serves(pattern) && pattern.B().kind == SupportKind::Window && T <= dense_solve_max_T &&
+         batch * H * T * T <= dense_solve_max_elements;
+}
+
+// d below 16, else 16 + floor(log2 d) - 4, with floor(log2 d) = #{l >= 1 : 2^l <= d} (integers,
+// exact at any d)
+torch::Tensor window_levels(const Tensor& distance, int64_t max_distance) {
+  Tensor dd = distance.clamp_min(0);
   Tensor lg = torch::zeros_like(dd);
-  for (int64_t l = 1; (int64_t(1) << l) <= std::max<int64_t>(T, 1); ++l) lg = lg + dd.ge(int64_t(1) << l).to(dd.scalar_type());
+  for (int64_t l = 1; (int64_t(1) << l) <= max_distance; ++l) lg = lg + dd.ge(int64_t(1) << l).to(dd.scalar_type());
   return torch::where(dd.lt(16), dd, lg + 12);
 }
-}  // namespace
 
 torch::Tensor mix_dense(const Tensor& q, const Tensor& k, const Tensor& v, const Pattern& pat, const MixOptions& opt) {
   const Checked c = check(q, k, v, pat, opt);

@@ -158,6 +158,33 @@ Tensor sparse_supervision(const Tensor& flat_labels) {
   return at;
 }
 
+// bf16 autocast on CUDA, across the LibTorch versions the project builds against.
+void cuda_autocast(bool on) {
+#if TORCH_VERSION_MAJOR >= 2
+  at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
+  at::autocast::set_autocast_enabled(at::kCUDA, on);
+#else
+  at::autocast::set_autocast_gpu_dtype(at::kBFloat16);
+  at::autocast::set_enabled(on);
+#endif
+  if (!on) at::autocast::clear_cache();
+}
+
+// Logits [n, V] in float32 at the supervised positions `at` (every position when undefined),
+// the forward under bf16 autocast when asked. checked = false: the caller checked the batch's
+// CPU copy, and nothing here may read the device (a step being captured into a CUDA graph).
+Tensor supervised_logits(nn::LanguageModelImpl& model, const Tensor& input, const Tensor& at, bool autocast, bool checked = true) {
+  if (autocast) cuda_autocast(true);
+  Tensor logits = checked ? (at.defined() ? model.forward_at(input, at) : model.forward(input)) : model.forward_unchecked(input, at);
+  if (autocast) cuda_autocast(false);
+  return logits.to(torch::kFloat32).reshape({-1, logits.size(-1)});
+}
+
+Tensor token_loss(const Tensor& flat_logits, const Tensor& labels, torch::nn::functional::CrossEntropyFuncOptions::reduction_t red = torch::kMean) {
+  return torch::nn::functional::cross_entropy(flat_logits, labels,
+                                              torch::nn::functional::CrossEntropyFuncOptions().ignore_index(data::kIgnore).reduction(red));
+}
+
 }  // namespace
 
 int64_t recall_distance(const int64_t* input, int64_t t, int64_t label) {
@@ -195,14 +222,10 @@ Scored score(nn::LanguageModelImpl& model, const data::Batch& b, torch::Device d
   torch::NoGradGuard ng;
   Tensor input = b.input.to(dev), lab = b.labels.to(dev).reshape({-1});
   Tensor at = sparse_supervision(lab);
-  Tensor logits = (at.defined() ? model.forward_at(input, at) : model.forward(input)).to(torch::kFloat32);
+  Tensor flat = supervised_logits(model, input, at, false);
   if (at.defined()) lab = lab.index_select(0, at);
-  const int64_t V = logits.size(-1);
-  Tensor flat = logits.reshape({-1, V});
   Scored s;
-  s.loss_sum = torch::nn::functional::cross_entropy(
-                   flat, lab, torch::nn::functional::CrossEntropyFuncOptions().ignore_index(data::kIgnore).reduction(torch::kSum))
-                   .item<double>();
+  s.loss_sum = token_loss(flat, lab, torch::kSum).item<double>();
   check_finite_pending();  // deferred reports of the mixers (the GPU is idle after item())
   Tensor mask = lab != data::kIgnore;
   s.supervised = mask.sum().item<int64_t>();
@@ -218,18 +241,6 @@ EvalResult finish(const Scored& s) {
   r.loss = s.supervised ? s.loss_sum / double(s.supervised) : 0;
   r.accuracy = s.supervised ? double(s.correct) / double(s.supervised) : 0;
   return r;
-}
-
-// bf16 autocast on CUDA, across the LibTorch versions the project builds against.
-void cuda_autocast(bool on) {
-#if TORCH_VERSION_MAJOR >= 2
-  at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
-  at::autocast::set_autocast_enabled(at::kCUDA, on);
-#else
-  at::autocast::set_autocast_gpu_dtype(at::kBFloat16);
-  at::autocast::set_enabled(on);
-#endif
-  if (!on) at::autocast::clear_cache();
 }
 
 // A non-finite loss or gradient norm stops the run before the update reaches the weights.
@@ -488,6 +499,35 @@ EvalResult evaluate(nn::LanguageModelImpl& model, const data::CorpusInfo& corpus
 }
 
 namespace {
+// result.json: what a run reports (train writes it, finished_run reads it back); train adds the
+// model, its parameter count and, for language modeling, the corpus.
+nlohmann::json result_json(const TrainResult& r, bool lm) {
+  nlohmann::json j = {{"world_size", r.world_size},  {"steps", r.steps},         {"final_loss", r.final_loss},
+                      {"eval_loss", r.eval.loss},    {"eval_accuracy", r.eval.accuracy}, {"best_accuracy", r.best_accuracy},
+                      {"tokens_per_s", r.tokens_per_s}, {"seconds", r.seconds},  {"reached_target", r.reached_target}};
+  if (lm) {
+    j["eval_perplexity"] = r.eval.perplexity;
+    j["eval_bits_per_byte"] = r.eval.bits_per_byte;
+  }
+  return j;
+}
+
+TrainResult result_from_json(const nlohmann::json& j) {
+  TrainResult t;
+  t.world_size = j.value("world_size", 1);
+  t.steps = j.at("steps").get<int64_t>();
+  t.final_loss = j.value("final_loss", 0.0);
+  t.eval.loss = j.value("eval_loss", 0.0);
+  t.eval.accuracy = j.value("eval_accuracy", 0.0);
+  t.eval.perplexity = j.value("eval_perplexity", 0.0);
+  t.eval.bits_per_byte = j.value("eval_bits_per_byte", 0.0);
+  t.best_accuracy = j.value("best_accuracy", 0.0);
+  t.tokens_per_s = j.value("tokens_per_s", 0.0);
+  t.seconds = j.value("seconds", 0.0);
+  t.reached_target = j.value("reached_target", false);
+  return t;
+}
+
 #ifdef TOKMIX_CUDA_STEP
 // The trainer's CUDA work on a pooled stream (ordered after what the default stream did before,
 // and waited for when the trainer returns).
@@ -574,16 +614,7 @@ struct CudaStep {
   // Forward, loss, backward, clip, update; returns [loss, gradient norm] (float32, device).
   Tensor device_step(const Tensor& input, const Tensor& labels, const Tensor& at, bool checked) {
     for (auto& pr : params) pr.p.mutable_grad() = Tensor();  // the backward writes fresh gradients
-    Tensor logits;
-    {
-      const bool autocast = o.bf16;
-      if (autocast) cuda_autocast(true);
-      logits = checked ? (at.defined() ? model.forward_at(input, at) : model.forward(input)) : model.forward_unchecked(input, at);
-      if (autocast) cuda_autocast(false);
-    }
-    const int64_t V = logits.size(-1);
-    Tensor loss = torch::nn::functional::cross_entropy(logits.to(torch::kFloat32).reshape({-1, V}), labels,
-                                                       torch::nn::functional::CrossEntropyFuncOptions().ignore_index(data::kIgnore));
+    Tensor loss = token_loss(supervised_logits(model, input, at, o.bf16, checked), labels);
     loss.backward();
     torch::NoGradGuard ng;
     std::vector<Tensor> grads;
@@ -787,21 +818,12 @@ TrainResult train(const TrainOptions& o, bool resume, std::ostream* log, int64_t
     Tensor input = b.input.to(dev), labels = b.labels.to(dev);
     for (auto& g : opt.param_groups()) static_cast<torch::optim::AdamWOptions&>(g.options()).lr(lr);
     opt.zero_grad();
-    Tensor logits, flat_labels = labels.reshape({-1});
+    Tensor flat_labels = labels.reshape({-1});
     // sparse supervision (MQAR, copy, ...): the head only where a label is
     Tensor at = sparse_supervision(flat_labels);
-    {
-      const bool autocast = o.bf16 && dev.is_cuda();
-      if (autocast) cuda_autocast(true);
-      logits = at.defined() ? model->forward_at(input, at) : model->forward(input);
-      if (autocast) cuda_autocast(false);
-    }
+    Tensor flat_logits = supervised_logits(*model, input, at, o.bf16 && dev.is_cuda());
     if (at.defined()) flat_labels = flat_labels.index_select(0, at);
-    const int64_t V = logits.size(-1);
-    Tensor flat_logits = logits.to(torch::kFloat32).reshape({-1, V});
-    Tensor loss = dp ? dp->loss(flat_logits, flat_labels)
-                     : torch::nn::functional::cross_entropy(flat_logits, flat_labels,
-                                                            torch::nn::functional::CrossEntropyFuncOptions().ignore_index(data::kIgnore));
+    Tensor loss = dp ? dp->loss(flat_logits, flat_labels) : token_loss(flat_logits, flat_labels);
     double lv = loss.item<double>();
     check_finite_pending();  // the forward's reports (the GPU is idle here after item())
     require_finite_loss(lv, step);
@@ -910,13 +932,10 @@ TrainResult train(const TrainOptions& o, bool resume, std::ostream* log, int64_t
   res.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
   res.tokens_per_s = tokens / std::max(res.seconds, 1e-9);
   if (!o.out.empty() && root) {
-    nlohmann::json r = {{"world_size", res.world_size}, {"steps", res.steps},        {"final_loss", res.final_loss}, {"eval_loss", res.eval.loss},
-                        {"eval_accuracy", res.eval.accuracy}, {"best_accuracy", res.best_accuracy},
-                        {"tokens_per_s", res.tokens_per_s}, {"seconds", res.seconds}, {"reached_target", res.reached_target},
-                        {"model", cfg.to_json()},     {"parameters", model->num_parameters()}};
+    nlohmann::json r = result_json(res, lm);
+    r["model"] = cfg.to_json();
+    r["parameters"] = model->num_parameters();
     if (lm) {
-      r["eval_perplexity"] = res.eval.perplexity;
-      r["eval_bits_per_byte"] = res.eval.bits_per_byte;
       r["corpus"] = corpus.dir;
       r["context"] = src.context;
     }
@@ -951,16 +970,7 @@ std::optional<TrainResult> finished_run(const TrainOptions& r) {
     opt.erase("out");
     want.erase("out");
     if (opt != want || res.value("steps", int64_t(-1)) != r.steps) return std::nullopt;
-    TrainResult t;
-    t.steps = res.at("steps").get<int64_t>();
-    t.final_loss = res.value("final_loss", 0.0);
-    t.eval.loss = res.value("eval_loss", 0.0);
-    t.eval.accuracy = res.value("eval_accuracy", 0.0);
-    t.eval.perplexity = res.value("eval_perplexity", 0.0);
-    t.eval.bits_per_byte = res.value("eval_bits_per_byte", 0.0);
-    t.best_accuracy = res.value("best_accuracy", 0.0);
-    t.tokens_per_s = res.value("tokens_per_s", 0.0);
-    t.seconds = res.value("seconds", 0.0);
+    TrainResult t = result_from_json(res);
     t.out = r.out;
     return t;
   } catch (const std::exception&) {

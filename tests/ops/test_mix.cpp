@@ -170,26 +170,33 @@ TEST(Mix, DenseFormIgnoresAutocast) {
   o.bias = torch::randn({H, pat->num_levels(T)});
   Tensor plain = mix_dense(q, k, v, *pat, o);
   const auto was_dtype = at::autocast::get_autocast_cpu_dtype();
+  auto cpu_autocast = [](bool on, at::ScalarType dt) {
 #if TORCH_VERSION_MAJOR >= 2
-  at::autocast::set_autocast_dtype(at::kCPU, at::kBFloat16);
-  at::autocast::set_autocast_enabled(at::kCPU, true);
+    at::autocast::set_autocast_dtype(at::kCPU, dt);
+    at::autocast::set_autocast_enabled(at::kCPU, on);
 #else
-  at::autocast::set_autocast_cpu_dtype(at::kBFloat16);
-  at::autocast::set_cpu_enabled(true);
+    at::autocast::set_autocast_cpu_dtype(dt);
+    at::autocast::set_cpu_enabled(on);
 #endif
+  };
+  cpu_autocast(true, at::kBFloat16);
   Tensor mm = torch::matmul(q, k.transpose(-2, -1));  // autocast is on: a bfloat16 product
   Tensor under = mix_dense(q, k, v, *pat, o);
-#if TORCH_VERSION_MAJOR >= 2
-  at::autocast::set_autocast_enabled(at::kCPU, false);
-  at::autocast::set_autocast_dtype(at::kCPU, was_dtype);
-#else
-  at::autocast::set_cpu_enabled(false);
-  at::autocast::set_autocast_cpu_dtype(was_dtype);
-#endif
+  cpu_autocast(false, was_dtype);
   at::autocast::clear_cache();
   ASSERT_EQ(mm.scalar_type(), torch::kBFloat16) << "CPU autocast did not take effect; the test proves nothing";
   EXPECT_EQ(under.scalar_type(), torch::kFloat32);
   EXPECT_LT(rel_err(under, plain), 1e-6);
+}
+
+TEST(Mix, WindowLevelsOnTensorsEqualWindowLevel) {
+  const int64_t maxd = 70000;
+  Tensor d = torch::arange(-3, maxd + 1, torch::kInt64);
+  Tensor got = window_levels(d, maxd);
+  for (int64_t i = 0; i < d.numel(); ++i) {
+    const int64_t di = d[i].item<int64_t>();
+    ASSERT_EQ(got[i].item<int64_t>(), di < 0 ? 0 : window_level(di)) << "distance " << di;
+  }
 }
 
 TEST(Mix, DenseFormRefusesWhatItDoesNotServe) {

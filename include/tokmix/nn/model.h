@@ -47,7 +47,7 @@ class LanguageModelImpl : public torch::nn::Module {
   torch::Tensor forward_at(const torch::Tensor& tokens, const torch::Tensor& flat_index);
   // forward / forward_at with nothing checked that would read the device (token range, index
   // range): the caller checked the CPU copies. What a captured training step runs
-  // (train::GraphStep). flat_index undefined: logits at every position.
+  // (train::CudaStep). flat_index undefined: logits at every position.
   torch::Tensor forward_unchecked(const torch::Tensor& tokens, const torch::Tensor& flat_index);
   // What forward(tokens) checks first (shape, token range, length); pass a CPU copy to keep the
   // device out of it.
@@ -82,6 +82,7 @@ class LanguageModelImpl : public torch::nn::Module {
   torch::Tensor blocks_forward(const torch::Tensor& tokens, const TokenPositions& p);
   torch::Tensor head(const torch::Tensor& h);
   void check_tokens(const torch::Tensor& tokens) const;
+  void check_length(int64_t longest) const;  // the longest sequence against max_context
 
   ModelConfig cfg_;
   torch::nn::Embedding tok_emb{nullptr}, pos_emb{nullptr};
