@@ -460,15 +460,16 @@ int main(int argc, char** argv) {
   }
   const bool check = !(argc > 1 && std::string(argv[1]) == "--bench-only");
   const auto t_start = std::chrono::steady_clock::now();
-  // default selection, then each chain forced: the (4, 1) and (2, 2) layouts, and the
-  // 512-thread chain with the v12 row passes (no slab passes, no tensor-core product)
-  const std::pair<const char*, const char*> passes[] = {{"", ""}, {"TOKMIX_CHAIN_G", "4"}, {"TOKMIX_CHAIN_G", "2"}, {"TOKMIX_CUDA_VARIANT", "13"}};
+  // default selection (superchunk chains where they serve), then the 64-row chains forced: the
+  // (4, 1) and (2, 2) layouts, and the 512-thread chain with the v12 row passes (no slab passes,
+  // no tensor-core product); pass = (TOKMIX_CUDA_VARIANT, TOKMIX_CHAIN_G)
+  const std::pair<const char*, const char*> passes[] = {{"0", ""}, {"16", "4"}, {"16", "2"}, {"29", ""}};
   for (const auto& pass : passes) {
     if (!check) break;
-    if (*pass.first) {
-      setenv(pass.first, pass.second, 1);
-      std::printf("-- checks again with %s=%s\n", pass.first, pass.second);
-    }
+    setenv("TOKMIX_CUDA_VARIANT", pass.first, 1);
+    if (*pass.second) setenv("TOKMIX_CHAIN_G", pass.second, 1);
+    else unsetenv("TOKMIX_CHAIN_G");
+    std::printf("-- checks with TOKMIX_CUDA_VARIANT=%s TOKMIX_CHAIN_G=%s\n", pass.first, pass.second);
     const char* specs[] = {"pow2", "sq1", "pow2-lattice", "sq1-lattice", "first-order", "recurrence:3", "f:1,3,9", "f:2*k+1-lattice", "attention"};
     for (bool bf : {false, true}) {
       for (const char* s : specs) {
@@ -498,7 +499,7 @@ int main(int argc, char** argv) {
     const char* env_g;
     const char* label;
   };
-  const V variants[] = {{"0", "", "auto"}, {"12", "", "v12 passes+product"}, {"0", "2", "chain (2, 2)"}};
+  const V variants[] = {{"0", "", "auto (v14 superchunks)"}, {"16", "", "v13 chains"}, {"28", "", "v12 passes+product"}};
   const int64_t shapes[][4] = {{4, 4096, 16, 64}, {2, 16384, 16, 128}, {1, 65536, 16, 64}};
   for (const auto& sh : shapes)
     for (const char* spec : {"pow2", "sq1-lattice"})

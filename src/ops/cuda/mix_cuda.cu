@@ -336,6 +336,7 @@ __device__ __forceinline__ bool side_entry(const SideDesc& s, bool is_b, int64_t
 
 struct SeqInfo {
   int64_t b, t0, n, cbase;  // batch row, first token, length, first chunk (over all sequences)
+  int64_t sbase;            // first superchunk (over all sequences; superchunk chains)
 };
 
 struct KArgs {
@@ -1225,6 +1226,287 @@ __global__ void __launch_bounds__(kC * kG * kS, 2)
       acc = parts_sum<kS>(acc);
       if (row && part == 0) *reinterpret_cast<float4*>(gbase + static_cast<int64_t>(i) * yst) = acc;
       if (part == 0) *reinterpret_cast<float4*>(&Gp[c & 1][t][4 * g]) = acc;
+    }
+    __syncthreads();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Superchunk chains (v14), offsets in B, bfloat16 storage: steps of kSC = 256 rows instead of
+// 64, so a quarter of the sequential steps. M2_S = (I - B_SS)^{-1} of a whole superchunk is
+// computed for all superchunks at once (super_inverse) and stored in float16 (its entries lie
+// in [0, kSC], float16 keeps TF32's 10 mantissa bits); a step is then the taps that reach
+// earlier superchunks and one 256 x 256 triangular product on tensor cores (TF32), so the
+// 256 rows of a step depend on nothing inside the step.
+constexpr int kSC = 256;                                       // rows a superchunk, threads a chain block
+constexpr int kSCTiles = kSC / 16;                             // M2 in 16 x 16 tiles of its lower triangle
+constexpr int kSCElems = kSCTiles * (kSCTiles + 1) / 2 * 256;  // float16 entries a superchunk (69632 bytes)
+constexpr int kSCW = 8;                                        // channels a chain block
+constexpr int kSCNear = 16;                                    // levels with f <= kSC: sources in this superchunk or the previous
+constexpr int kSCFar = 8;                                      // further levels whose outputs are fetched a step ahead
+constexpr int kSCPW = 1 + kSCNear + kSCFar;                    // coefficient row in shared memory (odd: no bank conflicts)
+constexpr int kSCInvCols = 128;                                // columns of M2 a super_inverse block
+
+// Where M2[r][c] (c / 16 <= r / 16) sits in a superchunk's table: tile (r / 16, c / 16) of the
+// lower triangle, row-major inside; the columns of rows 4-7 and 12-15 of a tile are XORed with 8
+// so that the A fragments of M2 (lanes over rows) and of M2^T (lanes over columns) are both
+// read without bank conflicts.
+__host__ __device__ __forceinline__ int sc_off(int r, int c) {
+  const int tr = r >> 4, tc = c >> 4;
+  return ((tr * (tr + 1) / 2 + tc) << 8) + ((r & 15) << 4) + ((c & 15) ^ ((r & 4) << 1));
+}
+
+// Columns [128 half, +128) of M2 for superchunk blockIdx.z / 2 of sequence blockIdx.x, head
+// blockIdx.y: column j by a sweep down the rows, M[t][j] = [t == j] + sum_l p(t, l) M[t - f_l][j]
+// over the levels whose source lies inside the superchunk (kNin slots, unused ones with
+// coefficient 0). The column's last `ring` values (a power of two >= the largest such f) stay in
+// shared memory, zero before the sweep, so rows above j come out 0 without a test and an
+// out-of-range source reads a finite value times a zero coefficient. Rows past the sequence get
+// identity rows.
+template <int kNin>
+__global__ void __launch_bounds__(kSCInvCols)
+    super_inverse(KArgs a, const SeqInfo* seqs, const float* P, __half* M2, int32_t nin, int32_t ring_log) {
+  extern __shared__ float sm[];
+  const int ring = 1 << ring_log, mask = ring - 1;
+  float* hist = sm;                      // [ring][kSCInvCols]
+  float* tp = hist + ring * kSCInvCols;  // [kSC][kNin]
+  const SeqInfo sq = seqs[blockIdx.x];
+  const int64_t h = blockIdx.y, sc = blockIdx.z >> 1;
+  const int64_t r0 = sc * kSC;
+  if (r0 >= sq.n) return;  // the whole block: sequences shorter than the longest
+  const int nvalid = static_cast<int>(lmin(kSC, sq.n - r0)), S = 1 + a.nbl;
+  int32_t f[kNin];
+#pragma unroll
+  for (int l = 0; l < kNin; ++l) f[l] = l < nin ? static_cast<int32_t>(a.pat.B.f[l]) : 0;
+  for (int idx = threadIdx.x; idx < ring * kSCInvCols; idx += kSCInvCols) hist[idx] = 0.f;
+  for (int idx = threadIdx.x; idx < kSC * kNin; idx += kSCInvCols) {
+    const int t = idx / kNin, l = idx % kNin;
+    const int32_t fl = l < nin ? static_cast<int32_t>(a.pat.B.f[l]) : kSC;
+    tp[idx] = t < nvalid && fl <= t ? P[rid(a, sq, h, r0 + t) * S + 1 + l] : 0.f;
+  }
+  __syncthreads();
+  const int c = threadIdx.x, j = (blockIdx.z & 1) * kSCInvCols + c;
+  __half* Mg = M2 + ((sq.sbase + sc) * a.H + h) * kSCElems;
+  float* col = hist + c;
+  for (int t = j & ~15; t < kSC; ++t) {
+    const float* pt = tp + t * kNin;
+    float s0 = t == j ? 1.f : 0.f, s1 = 0.f;
+#pragma unroll
+    for (int l = 0; l < kNin; l += 2) {
+      s0 = fmaf(pt[l], col[((t - f[l]) & mask) * kSCInvCols], s0);
+      s1 = fmaf(pt[l + 1], col[((t - f[l + 1]) & mask) * kSCInvCols], s1);
+    }
+    const float mv = s0 + s1;
+    col[(t & mask) * kSCInvCols] = mv;
+    Mg[sc_off(t, j)] = __float2half_rn(mv);
+  }
+}
+
+// One 16 x 16 tile product step pair on tensor cores (TF32; float16 entries of M2 are exact in
+// TF32): c += A(tile at `tile`, k-half h) x B, with A's lane offsets o (a0 .. a3) precomputed.
+__device__ __forceinline__ void sc_mma(float* c, const __half* tile, const int* o, uint32_t b0, uint32_t b1) {
+  mma_tf32(c, __float_as_uint(__half2float(tile[o[0]])), __float_as_uint(__half2float(tile[o[1]])),
+           __float_as_uint(__half2float(tile[o[2]])), __float_as_uint(__half2float(tile[o[3]])), b0, b1);
+}
+
+// Rows of tiles ma and mb of M2 W (kTrans: M2^T W), the block's 8 channels; the two tiles share
+// each k-step's B fragment, and each tile keeps one accumulator per k-half (shorter mma chains).
+template <bool kTrans>
+__device__ __forceinline__ void super_product(const __half* Ms, const float (*W)[kSCW], int ma, int mb, int lane, float* ca, float* cb) {
+  const int gq = lane >> 2, tq = lane & 3;
+  // A fragment offsets inside a tile (sc_off's layout), k-half 0 and 1
+  int o[2][4];
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    if (kTrans) {
+      const int b = 128 * hh + 16 * tq + gq;  // M[16 kt + 8 hh + tq][16 mi + gq]
+      o[hh][0] = b;
+      o[hh][1] = b + 8;
+      o[hh][2] = b + 72;
+      o[hh][3] = b + 64;
+    } else {
+      const int b = (16 * gq + 8 * hh + tq) ^ ((gq & 4) << 1);  // M[16 mi + gq][16 kt + 8 hh + tq]
+      o[hh][0] = b;
+      o[hh][1] = b + 128;
+      o[hh][2] = b + 4;
+      o[hh][3] = b + 132;
+    }
+  }
+  float a0[4] = {0.f, 0.f, 0.f, 0.f}, a1[4] = {0.f, 0.f, 0.f, 0.f}, b0[4] = {0.f, 0.f, 0.f, 0.f}, b1[4] = {0.f, 0.f, 0.f, 0.f};
+  // forward: k-tiles 0 .. mi; transposed: mi .. 15
+  const int lo = kTrans ? min(ma, mb) : 0, hi = kTrans ? kSCTiles - 1 : max(ma, mb);
+  for (int kt = lo; kt <= hi; ++kt) {
+    const bool use_a = kTrans ? kt >= ma : kt <= ma, use_b = kTrans ? kt >= mb : kt <= mb;
+    const __half* ta = Ms + ((kTrans ? kt * (kt + 1) / 2 + ma : ma * (ma + 1) / 2 + kt) << 8);
+    const __half* tb = Ms + ((kTrans ? kt * (kt + 1) / 2 + mb : mb * (mb + 1) / 2 + kt) << 8);
+    const int k0 = 16 * kt + tq;
+    const uint32_t w00 = tf32(W[k0][gq]), w01 = tf32(W[k0 + 4][gq]), w10 = tf32(W[k0 + 8][gq]), w11 = tf32(W[k0 + 12][gq]);
+    if (use_a) {
+      sc_mma(a0, ta, o[0], w00, w01);
+      sc_mma(a1, ta, o[1], w10, w11);
+    }
+    if (use_b) {
+      sc_mma(b0, tb, o[0], w00, w01);
+      sc_mma(b1, tb, o[1], w10, w11);
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    ca[e] = a0[e] + a1[e];
+    cb[e] = b0[e] + b1[e];
+  }
+}
+
+// Eight channels of a row in storage type as floats; vec: 16-byte aligned.
+template <class T>
+__device__ __forceinline__ void load8_any(const T* p, bool vec, float* o) {
+  if (vec) {
+    load8(p, o);
+  } else {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) o[j] = to_f(p[j]);
+  }
+}
+__device__ __forceinline__ void fma8(float* w, float p, const float* x) {
+  const float4 a = *reinterpret_cast<const float4*>(x), b = *reinterpret_cast<const float4*>(x + 4);
+  w[0] = fmaf(p, a.x, w[0]); w[1] = fmaf(p, a.y, w[1]); w[2] = fmaf(p, a.z, w[2]); w[3] = fmaf(p, a.w, w[3]);
+  w[4] = fmaf(p, b.x, w[4]); w[5] = fmaf(p, b.y, w[5]); w[6] = fmaf(p, b.z, w[6]); w[7] = fmaf(p, b.w, w[7]);
+}
+
+// Shared memory of the superchunk chains: M2 of this step and the next (double buffered), W,
+// the neighbouring superchunk's outputs (forward: y of S - 1; backward: g of S + 1), the step's
+// coefficient rows.
+constexpr size_t kSCSmem = 2 * sizeof(__half) * kSCElems + sizeof(float) * (2 * kSC * kSCW + kSC * kSCPW);
+
+// One block per (sequence, head, 8 channels), 256 threads, thread t = row t of the step; one
+// block a SM (the caller launches it only when all blocks are resident at once).
+// Forward (kBack = false), superchunks in order: y_S = M2_S (alpha x + taps into S - 1 and
+// earlier). Backward (kBack = true), in reverse: g_S = M2_S^T (dy + taps from readers m = i + f
+// in S + 1 and later, with the reader's coefficient). Levels: near [0, nn) (f <= kSC: the
+// neighbour superchunk, shared memory), far slots [nn, nf) (values fetched one step ahead into
+// registers), the rest read inside the step. The next step's coefficients and M2 arrive by
+// cp.async during this step's product.
+template <class T, bool kBack>
+__global__ void __launch_bounds__(kSC, 1)
+    chain_super(KArgs a, const SeqInfo* seqs, const T* x, const float* P, const __half* M2, T* y, float* out, int32_t nn,
+                int32_t vec) {
+  extern __shared__ __align__(16) unsigned char smraw[];
+  __half* Ms0 = reinterpret_cast<__half*>(smraw);
+  float(*W)[kSCW] = reinterpret_cast<float(*)[kSCW]>(smraw + 2 * sizeof(__half) * kSCElems);
+  float(*Nb)[kSCW] = W + kSC;                                            // neighbour superchunk's outputs
+  float* Pn = reinterpret_cast<float*>(Nb + kSC) + threadIdx.x * kSCPW;  // this row's coefficients
+  __shared__ int32_t fl[kSCNear + kSCFar];
+  const SeqInfo sq = seqs[blockIdx.x];
+  const int64_t h = blockIdx.y, d = static_cast<int64_t>(blockIdx.z) * kSCW;
+  const int t = threadIdx.x, S = 1 + a.nbl;
+  const int nf = min(a.nbl, nn + kSCFar);
+  if (t < kSCNear + kSCFar) fl[t] = t < nf ? static_cast<int32_t>(a.pat.B.f[t]) : 0;
+  __syncthreads();
+  const int64_t nsc = (sq.n + kSC - 1) / kSC;
+  const int32_t n32 = static_cast<int32_t>(sq.n), yst = static_cast<int32_t>(a.sy.st);
+  const int64_t xst = kBack ? a.sy.st : a.sv.st;
+  const T* x0 = x + (kBack ? eoff(a.sy, sq, 0, h) : eoff(a.sv, sq, 0, h)) + d;
+  float* obase = out + eoff(a.sy, sq, 0, h) + d;  // yf or G, float32, y's strides
+  const float* P0 = P + rid(a, sq, h, 0) * S;     // row i: alpha P0[i S], level l P0[i S + 1 + l]
+  const __half* Mh = M2 + (sq.sbase * a.H + h) * kSCElems;  // superchunk s at Mh + s * H * kSCElems
+  float xv[8], fv[kSCFar][8];
+  // Fetches for step `it` (superchunk s), one cp.async group: this row's coefficients and M2
+  // into buffer it & 1; into registers, x and the far slots' values that lie two or more
+  // superchunks away (final by now).
+  auto prefetch = [&](int64_t it, int64_t s) {
+    const int32_t r0 = static_cast<int32_t>(s) * kSC, i = r0 + t;
+    if (i < n32) {
+      if (!kBack) __pipeline_memcpy_async(Pn, P0 + static_cast<int64_t>(i) * S, 4);
+      for (int l = 0; l < nf; ++l) {
+        const int32_t f = fl[l];
+        if (kBack ? f >= n32 - i : f > i) break;
+        // backward: the reader's coefficient, P[m][l]
+        __pipeline_memcpy_async(Pn + 1 + l, P0 + static_cast<int64_t>(kBack ? i + f : i) * S + 1 + l, 4);
+      }
+      load8_any(x0 + static_cast<int64_t>(i) * xst, vec, xv);
+#pragma unroll
+      for (int j = 0; j < kSCFar; ++j) {
+        const int l = nn + j;
+        if (l >= nf) break;
+        const int32_t src = kBack ? i + fl[l] : i - fl[l];
+        if (kBack ? (src < n32 && src >= r0 + 2 * kSC) : (src >= 0 && src < r0 - kSC))
+          load8(obase + static_cast<int64_t>(src) * yst, fv[j]);
+      }
+    }
+    const char* msrc = reinterpret_cast<const char*>(Mh + s * a.H * kSCElems);
+    char* mdst = reinterpret_cast<char*>(Ms0 + (it & 1) * kSCElems);
+    for (int idx = t; idx < kSCElems * 2 / 16; idx += kSC) __pipeline_memcpy_async(mdst + 16 * idx, msrc + 16 * idx, 16);
+    __pipeline_commit();
+  };
+  if (nsc > 0) prefetch(0, kBack ? nsc - 1 : 0);
+  const int warp = t >> 5, lane = t & 31;
+  for (int64_t it = 0; it < nsc; ++it) {
+    const int64_t s = kBack ? nsc - 1 - it : it;
+    const int32_t r0 = static_cast<int32_t>(s) * kSC, i = r0 + t;
+    const int nvalid = static_cast<int>(lmin(kSC, sq.n - r0));
+    __pipeline_wait_prior(0);  // this step's coefficients and M2
+    float w[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    if (i < n32) {
+      if (a.bad && !finite8(xv)) atomicOr(a.bad, kBack ? 8 : 4);
+      const float x_w = kBack ? 1.f : Pn[0];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) w[j] = x_w * xv[j];
+      // neighbour superchunk: forward [r0 - kSC, r0), backward [r0 + kSC, r0 + 2 kSC)
+      const int32_t nb0 = kBack ? r0 + kSC : r0 - kSC;
+      for (int l = 0; l < nn; ++l) {
+        const int32_t f = fl[l];
+        const int32_t src = kBack ? i + f : i - f;
+        if (kBack ? src >= n32 : src < 0) break;
+        if (static_cast<uint32_t>(src - nb0) < static_cast<uint32_t>(kSC)) fma8(w, Pn[1 + l], Nb[src - nb0]);  // else in M2
+      }
+#pragma unroll
+      for (int j = 0; j < kSCFar; ++j) {
+        const int l = nn + j;
+        if (l >= nf) break;
+        const int32_t src = kBack ? i + fl[l] : i - fl[l];
+        if (kBack ? src >= n32 : src < 0) break;
+        if (static_cast<uint32_t>(src - nb0) < static_cast<uint32_t>(kSC)) fma8(w, Pn[1 + l], Nb[src - nb0]);
+        else fma8(w, Pn[1 + l], fv[j]);
+      }
+      for (int l = nf; l < a.nbl; ++l) {
+        const int64_t f = a.pat.B.f[l];
+        const int64_t src = kBack ? i + f : i - f;
+        if (kBack ? src >= sq.n : src < 0) break;
+        const float p = P0[(kBack ? src : i) * S + 1 + l];
+        float v8[8];
+        if (src - nb0 >= 0 && src - nb0 < kSC) {
+          fma8(w, p, Nb[src - nb0]);
+        } else {
+          load8(obase + src * a.sy.st, v8);
+          fma8(w, p, v8);
+        }
+      }
+    }
+    *reinterpret_cast<float4*>(&W[t][0]) = make_float4(w[0], w[1], w[2], w[3]);
+    *reinterpret_cast<float4*>(&W[t][4]) = make_float4(w[4], w[5], w[6], w[7]);
+    __syncthreads();
+    // the next step's fetches go out before the product, whose time covers their latency; the
+    // other M2 buffer was last read by the previous step's product
+    if (it + 1 < nsc) prefetch(it + 1, kBack ? s - 1 : s + 1);
+    // warp w: row tiles w and 15 - w (34 k-steps either way)
+    const int ma = warp, mb = kSCTiles - 1 - warp;
+    float ca[4], cb[4];
+    super_product<kBack>(Ms0 + (it & 1) * kSCElems, W, ma, mb, lane, ca, cb);
+    const int ch = 2 * (lane & 3);
+#pragma unroll
+    for (int pass = 0; pass < 2; ++pass) {
+      const int mi = pass == 0 ? ma : mb;
+      const float* c = pass == 0 ? ca : cb;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int r = 16 * mi + (lane >> 2) + 8 * half;
+        *reinterpret_cast<float2*>(&Nb[r][ch]) = make_float2(c[2 * half], c[2 * half + 1]);
+        if (r < nvalid) {
+          const int64_t o = eoff(a.sy, sq, r0 + r, h) + d + ch;
+          store2(out + o, c[2 * half], c[2 * half + 1]);
+          if (!kBack) store2(y + o, c[2 * half], c[2 * half + 1]);
+        }
+      }
     }
     __syncthreads();
   }
@@ -2392,7 +2674,15 @@ struct Plan {
   std::vector<int32_t> chunk_seq;
   int64_t nseq = 0, total_chunks = 0, cap = 0;
   int32_t kin = 0;
+  // superchunk chains (v14): whether they serve, superchunks (all, the most in one sequence),
+  // levels with f <= kSC (nn), with f < kSC (nin), and log2 of the inverse's ring (a power of
+  // two >= the largest such f)
+  bool super = false;
+  int64_t total_super = 0, max_super = 0;
+  int32_t sc_nn = 0, sc_nin = 0, sc_ring_log = 0;
 };
+
+bool super_ok(const CudaMix& m, Plan& p);
 
 Plan make_plan(const CudaMix& m) {
   Plan p;
@@ -2400,9 +2690,10 @@ Plan make_plan(const CudaMix& m) {
   const PatternDesc& hp = m.host_pat;
   p.fast = mix_cuda_fast_path(m);
   if (pb.cu_seqlens) {
-    for (int64_t s = 0; s < pb.num_seqs; ++s) p.seqs.push_back(SeqInfo{0, pb.cu_seqlens[s], pb.cu_seqlens[s + 1] - pb.cu_seqlens[s], 0});
+    for (int64_t s = 0; s < pb.num_seqs; ++s)
+      p.seqs.push_back(SeqInfo{0, pb.cu_seqlens[s], pb.cu_seqlens[s + 1] - pb.cu_seqlens[s], 0, 0});
   } else {
-    for (int64_t b = 0; b < pb.batch; ++b) p.seqs.push_back(SeqInfo{b, 0, pb.T, 0});
+    for (int64_t b = 0; b < pb.batch; ++b) p.seqs.push_back(SeqInfo{b, 0, pb.T, 0, 0});
   }
   p.nseq = static_cast<int64_t>(p.seqs.size());
   for (int64_t s = 0; s < p.nseq; ++s) {
@@ -2410,6 +2701,10 @@ Plan make_plan(const CudaMix& m) {
     const int64_t nc = (p.seqs[s].n + kC - 1) / kC;
     for (int64_t c = 0; c < nc; ++c) p.chunk_seq.push_back(static_cast<int32_t>(s));
     p.total_chunks += nc;
+    p.seqs[s].sbase = p.total_super;
+    const int64_t ns = (p.seqs[s].n + kSC - 1) / kSC;
+    p.total_super += ns;
+    p.max_super = std::max(p.max_super, ns);
   }
   auto side_cap = [&](const SideDesc& s) -> int64_t {
     switch (s.kind) {
@@ -2427,6 +2722,7 @@ Plan make_plan(const CudaMix& m) {
       if (reach < kC) p.kin = k + 1;
     }
   }
+  p.super = super_ok(m, p);
   return p;
 }
 
@@ -2449,6 +2745,7 @@ struct Buffers {
   float* yf;  // float32 copy of y (float storage: y itself)
   // chunked
   float *P, *M, *DS, *dkacc;
+  __half* M2;  // superchunk chains: M2 per superchunk instead of M
   int32_t* SRC;
   // generic
   float *pbuf, *ubuf, *gdk, *gdv;
@@ -2468,7 +2765,8 @@ void carve_tables(const CudaMix& m, const Plan& p, void* saved, Buffers& b, int6
     const int64_t rows = pb.batch * pb.H * pb.T;
     b.P = bp.take<float>(rows * (1 + m.nbl));
     b.SRC = bp.take<int32_t>(rows * std::max<int32_t>(1, m.nbl));
-    b.M = bp.take<float>(p.total_chunks * pb.H * kC * kC);
+    if (p.super) b.M2 = bp.take<__half>(p.total_super * pb.H * kSCElems);
+    else b.M = bp.take<float>(p.total_chunks * pb.H * kC * kC);
   }
   *bytes = p.fast ? bp.off + 256 : 0;
 }
@@ -2535,7 +2833,7 @@ KArgs kargs(const CudaMix& m, const Plan& p) {
 
 // TOKMIX_CUDA_VARIANT (measurements only): bit 0 selects the previous chains, bit 1 turns the
 // lane-group paths off, bit 2 the slab passes (v13), bit 3 the chains' tensor-core product
-// (v13), so that one run can time versions side by side.
+// (v13), bit 4 the superchunk chains (v14), so that one run can time versions side by side.
 int variant_bits() {
   const char* e = std::getenv("TOKMIX_CUDA_VARIANT");
   return e ? std::atoi(e) : 0;
@@ -2574,6 +2872,37 @@ void with_slab_shape(const CudaMix& m, const KArgs& a, F&& f) {
     else f(I32{}, I16{});
   }
 }
+// Whether the superchunk chains (v14) serve: offsets in B with at most kSCNear levels of
+// f <= kSC, bfloat16 storage (the product is TF32: float16 and float32 keep the 64-row chains),
+// Dv a multiple of 8, rows of v and y (dy) at multiples of 8 elements. Decided from the problem
+// alone, so that forward and backward agree on the saved tables. TOKMIX_CUDA_VARIANT bit 4
+// turns them off. Sets the plan's level counts.
+bool super_ok(const CudaMix& m, Plan& p) {
+  const PatternDesc& hp = m.host_pat;
+  if (!p.fast || hp.B.kind != SupportKind::Offsets || m.dtype != DType::BF16 || (variant_bits() & 16)) return false;
+  if (m.pb.Dv % kSCW != 0 || !strides_multiple(m.pb.sv, 8) || !strides_multiple(m.pb.sy, 8)) return false;
+  if (2 * p.max_super > 65535 || m.pb.Dv / kSCW > 65535 || m.pb.H > 65535) return false;
+  int32_t nn = 0, nin = 0, ring_log = 0;
+  for (int32_t k = 0; k < m.nbl; ++k) {
+    if (hp.B.f[k] <= kSC) nn = k + 1;
+    if (hp.B.f[k] < kSC) {
+      nin = k + 1;
+      while ((int64_t(1) << ring_log) < hp.B.f[k]) ++ring_log;
+    }
+  }
+  if (nn > kSCNear) return false;
+  // one block a SM, all resident at once: a second wave would run the whole chain again, and
+  // then the 64-row chains (two or more blocks a SM) serve better
+  int dev = 0, sms = 0;
+  TOKMIX_CU(cudaGetDevice(&dev));
+  TOKMIX_CU(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  if (p.nseq * m.pb.H * (m.pb.Dv / kSCW) > sms) return false;
+  p.sc_nn = nn;
+  p.sc_nin = nin;
+  p.sc_ring_log = ring_log;
+  return true;
+}
+
 // Whether the 4-channel chains serve v, y (or dy) and the float32 copies.
 bool chain4_ok(const CudaMix& m, int64_t esize, std::initializer_list<const void*> ptrs) {
   if (m.pb.Dv % 4 != 0 || !strides_multiple(m.pb.sv, 4) || !strides_multiple(m.pb.sy, 4) || (variant_bits() & 1)) return false;
@@ -2724,6 +3053,26 @@ int32_t forward_t(const CudaMix& m, const T* q, const T* k, const T* v, const T*
                                                                                      b.P, b.SRC, b.M);
       TOKMIX_LAUNCHED("coef_kernel");
     }
+    if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+      if (p.super) {
+        const int nin_slots = p.sc_nin <= 8 ? 8 : 16;
+        const size_t sms = sizeof(float) * ((size_t(1) << p.sc_ring_log) * kSCInvCols + kSC * nin_slots);
+        const dim3 igrid(p.nseq, m.pb.H, 2 * p.max_super);
+        if (nin_slots == 8) {
+          allow_smem(super_inverse<8>, sms);
+          super_inverse<8><<<igrid, kSCInvCols, sms, st>>>(a, b.seqs, b.P, b.M2, p.sc_nin, p.sc_ring_log);
+        } else {
+          allow_smem(super_inverse<16>, sms);
+          super_inverse<16><<<igrid, kSCInvCols, sms, st>>>(a, b.seqs, b.P, b.M2, p.sc_nin, p.sc_ring_log);
+        }
+        TOKMIX_LAUNCHED("super_inverse");
+        allow_smem(chain_super<T, false>, kSCSmem);
+        const int32_t vec = aligned_to(v, 16) ? 1 : 0;
+        chain_super<T, false><<<dim3(p.nseq, m.pb.H, m.pb.Dv / kSCW), kSC, kSCSmem, st>>>(a, b.seqs, v, b.P, b.M2, y, yf, p.sc_nn, vec);
+        TOKMIX_LAUNCHED("chain_super (forward)");
+        return read_flags(m, b.bad, st);
+      }
+    }
     const size_t smi = sizeof(float) * kInvChunks * (kC * (kC + 1) + 2 * kC * p.kin);
     allow_smem(chunk_inverse, smi);
     chunk_inverse<<<dim3((p.total_chunks + kInvChunks - 1) / kInvChunks, m.pb.H), kInvChunks * kC, smi, st>>>(
@@ -2782,10 +3131,21 @@ int32_t backward_t(const CudaMix& m, const T* q, const T* k, const T* v, const T
     const dim3 rows_grid(p.total_chunks, m.pb.H);
     // P, SRC and M come from the forward (`saved`)
     const int64_t ny = m.pb.batch * m.pb.T * m.pb.H * m.pb.Dv;
-    const int g = !lattice && chain4_ok(m, sizeof(T), {dy})
+    bool done = false;
+    if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+      if (p.super) {
+        allow_smem(chain_super<T, true>, kSCSmem);
+        const int32_t vec = aligned_to(dy, 16) ? 1 : 0;
+        chain_super<T, true><<<dim3(p.nseq, m.pb.H, m.pb.Dv / kSCW), kSC, kSCSmem, st>>>(a, b.seqs, dy, b.P, b.M2, nullptr, b.G, p.sc_nn, vec);
+        TOKMIX_LAUNCHED("chain_super (backward)");
+        done = true;
+      }
+    }
+    const int g = done ? -1 : !lattice && chain4_ok(m, sizeof(T), {dy})
                       ? chain4_groups(m, p, chain_backward4<T, 1, 4>, chain_backward4<T, 2, 2>, chain_backward4<T, 4, 1>, true)
                       : 0;
-    if (g > 0) {
+    if (done) {
+    } else if (g > 0) {
       const dim3 grid(p.nseq, m.pb.H, (m.pb.Dv + 4 * g - 1) / (4 * g));
       if (g == 1) chain_backward4<T, 1, 4><<<grid, kChain4Threads, 0, st>>>(a, b.seqs, dy, b.P, b.M, b.G);
       else if (g == 2) chain_backward4<T, 2, 2><<<grid, kChain4Threads, 0, st>>>(a, b.seqs, dy, b.P, b.M, b.G);
