@@ -488,6 +488,13 @@ int main(int argc, char** argv) {
       for (const char* s : {"pow2", "sq1-lattice", "pow2-lattice", "sq1"}) check_case({s, "softmax", 1, 1500, 2, 32, 32, false, 1.0, {}}, bf);
       // sq1 at T = 700: 28 entries a row, the slab passes' 32-entry form at D = 64
       for (const char* s : {"sq1", "f:1,2,3,5,8,13,21,34,55,89,144,233,377,610"}) check_case({s, "softmax", 2, 700, 2, 64, 64, true, 1.0, {}}, bf);
+      // superchunk chains (v14) at their boundaries: T a multiple of 256, no level inside a
+      // superchunk (f >= 256), many steps (the double-buffered M2 flips 20 times), packed
+      // sequences of 256 and 512 rows beside odd ones
+      check_case({"pow2", "softmax", 1, 512, 2, 64, 64, true, 1.0, {}}, bf);
+      check_case({"f:300,600", "softmax", 1, 1100, 2, 16, 16, false, 1.0, {}}, bf);
+      check_case({"pow2", "softmax", 1, 5000, 2, 64, 64, false, 0.9, {}}, bf);
+      check_case({"pow2", "softmax", 1, 0, 2, 64, 64, true, 1.0, {512, 256, 300, 1, 767}}, bf);
       for (const char* s : {"pow2", "sq1-lattice"}) check_nan_flags(s, bf);
     }
     std::printf("kernel check: %d passed, %d failed (%.1f s)\n", g_pass, g_fail, std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count());

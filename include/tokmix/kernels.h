@@ -106,7 +106,8 @@ struct CudaMix {
 int64_t mix_cuda_workspace_bytes(const CudaMix& m, bool backward);
 // Tables the forward writes for the backward (bytes; 0 for the generic solver), passed as
 // `saved` to both: coefficients, sources and the chunk inverses, n x (2 |support| + 64) x 4
-// bytes. The caller keeps them from forward to backward (the backward does not recompute them).
+// bytes (superchunk chains: about n x (3 |support| + 67) x 4). The caller keeps them from forward to
+// backward (the backward does not recompute them).
 int64_t mix_cuda_saved_bytes(const CudaMix& m);
 // Whether the chunked solver (A = self, sparse B) serves this problem; otherwise the generic one.
 bool mix_cuda_fast_path(const CudaMix& m);

@@ -19,6 +19,7 @@
 #ifdef TOKMIX_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAGuard.h>
 
 #include "tokmix/cuda_capture.h"
 #endif
@@ -596,6 +597,7 @@ class MixFunction : public torch::autograd::Function<MixFunction> {
     Tensor b = bias.defined() ? bias.contiguous() : Tensor(), g = gate_w.defined() ? gate_w.contiguous() : Tensor();
     if (qh.is_cuda()) {
 #ifdef TOKMIX_WITH_CUDA
+      const c10::cuda::CUDAGuard device(qh.device());  // kernels, occupancy and plan on the tensors' device
       kernels::CudaMix m = cuda_problem(pat, c, pb, qh);
       Tensor ws = torch::empty({kernels::mix_cuda_workspace_bytes(m, false)}, qh.options().dtype(torch::kUInt8));
       const int64_t tb = kernels::mix_cuda_saved_bytes(m);
@@ -626,6 +628,7 @@ class MixFunction : public torch::autograd::Function<MixFunction> {
     Tensor b = bias.defined() ? bias.contiguous() : Tensor(), g = gate_w.defined() ? gate_w.contiguous() : Tensor();
     if (qh.is_cuda()) {
 #ifdef TOKMIX_WITH_CUDA
+      const c10::cuda::CUDAGuard device(qh.device());
       kernels::CudaMix m = cuda_problem(pat, c, pb, qh);
       Tensor ws = torch::empty({kernels::mix_cuda_workspace_bytes(m, true)}, qh.options().dtype(torch::kUInt8));
       const int64_t tb = kernels::mix_cuda_saved_bytes(m);

@@ -1235,7 +1235,8 @@ __global__ void __launch_bounds__(kC * kG * kS, 2)
 // Superchunk chains (v14), offsets in B, bfloat16 storage: steps of kSC = 256 rows instead of
 // 64, so a quarter of the sequential steps. M2_S = (I - B_SS)^{-1} of a whole superchunk is
 // computed for all superchunks at once (super_inverse) and stored in float16 (its entries lie
-// in [0, kSC], float16 keeps TF32's 10 mantissa bits); a step is then the taps that reach
+// in [0, 1]: M[t][j] is 0, 1 or a weighted sum of earlier entries with weights summing to at
+// most 1; float16 keeps TF32's 10 mantissa bits); a step is then the taps that reach
 // earlier superchunks and one 256 x 256 triangular product on tensor cores (TF32), so the
 // 256 rows of a step depend on nothing inside the step.
 constexpr int kSC = 256;                                       // rows a superchunk, threads a chain block
@@ -2766,8 +2767,9 @@ struct Buffers {
   int32_t* bad;  // finiteness flags (fast path)
 };
 
-// The chunked solver's tables (P, SRC, M): written by the forward into `saved`, which the caller
-// keeps for the backward (n rows x (2 |support| + C) x 4 bytes: linear in n), so that the
+// The chunked solver's tables (P, SRC, M; superchunk chains: P, SRC, M2, PT): written by the
+// forward into `saved`, which the caller keeps for the backward (n rows x (2 |support| + 64) x 4
+// bytes, about x (3 |support| + 67) x 4 with the superchunk chains: linear in n), so that the
 // backward does not compute them again.
 void carve_tables(const CudaMix& m, const Plan& p, void* saved, Buffers& b, int64_t* bytes) {
   Bump bp{static_cast<char*>(saved)};
@@ -2888,9 +2890,11 @@ void with_slab_shape(const CudaMix& m, const KArgs& a, F&& f) {
 }
 // Whether the superchunk chains (v14) serve: offsets in B with at most kSCNear levels of
 // f <= kSC, bfloat16 storage (the product is TF32: float16 and float32 keep the 64-row chains),
-// Dv a multiple of 8, rows of v and y (dy) at multiples of 8 elements. Decided from the problem
-// alone, so that forward and backward agree on the saved tables. TOKMIX_CUDA_VARIANT bit 4
-// turns them off. Sets the plan's level counts.
+// Dv a multiple of 8, rows of v and y (dy) at multiples of 8 elements, and every block resident
+// on the current device. Forward and backward must agree (the saved tables differ: M2 and PT
+// instead of M), so the choice depends only on the problem, the device (the op runs under a
+// guard for the tensors' device) and TOKMIX_CUDA_VARIANT (bit 4 turns them off; for
+// measurements, never changed between a forward and its backward). Sets the plan's level counts.
 bool super_ok(const CudaMix& m, Plan& p) {
   const PatternDesc& hp = m.host_pat;
   if (!p.fast || hp.B.kind != SupportKind::Offsets || m.dtype != DType::BF16 || (variant_bits() & 16)) return false;
@@ -3083,6 +3087,7 @@ int32_t forward_t(const CudaMix& m, const T* q, const T* k, const T* v, const T*
         const int64_t rows = m.pb.batch * m.pb.H * m.pb.T;
         transpose_coef<<<static_cast<unsigned>((rows + 255) / 256), 256, 0, st>>>(b.P, b.PT, rows, 1 + m.nbl);
         TOKMIX_LAUNCHED("transpose_coef");
+        if (!aligned_to(y, 4)) throw std::invalid_argument("tokmix CUDA: y must be 4-byte aligned (bfloat16 pairs are stored)");
         allow_smem(chain_super<T, false>, kSCSmem);
         const int32_t vec = aligned_to(v, 16) ? 1 : 0;
         chain_super<T, false><<<dim3(p.nseq, m.pb.H, m.pb.Dv / kSCW), kSC, kSCSmem, st>>>(a, b.seqs, v, b.P, b.PT, rows, b.M2, y, yf,
