@@ -21,6 +21,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <initializer_list>
@@ -2888,6 +2889,17 @@ void with_slab_shape(const CudaMix& m, const KArgs& a, F&& f) {
     else f(I32{}, I16{});
   }
 }
+// SMs of the current device, asked once per device: make_plan runs several times a call.
+int current_sms() {
+  static std::atomic<int> cache[64];
+  int dev = 0;
+  TOKMIX_CU(cudaGetDevice(&dev));
+  if (dev >= 0 && dev < 64 && cache[dev].load(std::memory_order_relaxed) > 0) return cache[dev].load(std::memory_order_relaxed);
+  int sms = 0;
+  TOKMIX_CU(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  if (dev >= 0 && dev < 64) cache[dev].store(sms, std::memory_order_relaxed);
+  return sms;
+}
 // Whether the superchunk chains (v14) serve: offsets in B with at most kSCNear levels of
 // f <= kSC, bfloat16 storage (the product is TF32: float16 and float32 keep the 64-row chains),
 // Dv a multiple of 8, rows of v and y (dy) at multiples of 8 elements, and every block resident
@@ -2911,9 +2923,7 @@ bool super_ok(const CudaMix& m, Plan& p) {
   if (nn > kSCNear) return false;
   // one block a SM, all resident at once: a second wave would run the whole chain again, and
   // then the 64-row chains (two or more blocks a SM) serve better
-  int dev = 0, sms = 0;
-  TOKMIX_CU(cudaGetDevice(&dev));
-  TOKMIX_CU(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  const int sms = current_sms();
   if (p.nseq * m.pb.H * (m.pb.Dv / kSCW) > sms) return false;
   p.sc_nn = nn;
   p.sc_nin = nin;
@@ -2944,9 +2954,7 @@ int chain4_groups(const CudaMix& m, const Plan& p, K1 k1, K2 k2, K4 k4, bool one
     const int g = std::atoi(env);
     if (g == 1 || g == 2 || g == 4) return g;
   }
-  int dev = 0, sms = 0;
-  TOKMIX_CU(cudaGetDevice(&dev));
-  TOKMIX_CU(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  const int sms = current_sms();
   auto resident = [&](int g) {
     int per_sm = 0;
     if (g == 1) TOKMIX_CU(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k1, kChain4Threads, 0));
@@ -3017,9 +3025,8 @@ void allow_smem(K kernel, size_t bytes) {
 // resident at once; a second wave would run the whole sequential chain a second time.
 template <class K>
 int64_t chain_vec(const CudaMix& m, const Plan& p, K kernel) {
-  int dev = 0, sms = 0, per_sm = 0;
-  TOKMIX_CU(cudaGetDevice(&dev));
-  TOKMIX_CU(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  const int sms = current_sms();
+  int per_sm = 0;
   TOKMIX_CU(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kChainThreads, 0));
   const int64_t resident = std::max(1, per_sm) * static_cast<int64_t>(sms);
   for (int64_t per : {1, 2, 4})
@@ -3039,6 +3046,21 @@ int32_t read_flags(const CudaMix& m, const int32_t* dflag, cudaStream_t st) {
   TOKMIX_CU(cudaMemcpyAsync(&h, dflag, sizeof(int32_t), cudaMemcpyDeviceToHost, st));
   TOKMIX_CU(cudaStreamSynchronize(st));
   return h;
+}
+
+// The superchunk chain of one direction (forward: x = v, y and yf written; backward: x = dy, G
+// written). Instantiated for bfloat16 only: super_ok admits no other storage type.
+template <bool kBack, class T>
+void launch_chain_super(const CudaMix& m, const Plan& p, const KArgs& a, const Buffers& b, const T* x, T* y, float* out,
+                        cudaStream_t st) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    allow_smem(chain_super<T, kBack>, kSCSmem);
+    const int64_t rows = m.pb.batch * m.pb.H * m.pb.T;
+    const int32_t vec = aligned_to(x, 16) ? 1 : 0;
+    chain_super<T, kBack><<<dim3(p.nseq, m.pb.H, m.pb.Dv / kSCW), kSC, kSCSmem, st>>>(a, b.seqs, x, b.P, b.PT, rows, b.M2, y, out,
+                                                                                        p.sc_nn, vec);
+    TOKMIX_LAUNCHED(kBack ? "chain_super (backward)" : "chain_super (forward)");
+  }
 }
 
 template <class T>
@@ -3071,30 +3093,24 @@ int32_t forward_t(const CudaMix& m, const T* q, const T* k, const T* v, const T*
                                                                                      b.P, b.SRC, b.M);
       TOKMIX_LAUNCHED("coef_kernel");
     }
-    if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-      if (p.super) {
-        const int nin_slots = p.sc_nin <= 8 ? 8 : 16;
-        const size_t sms = sizeof(float) * ((size_t(1) << p.sc_ring_log) * kSCInvCols + kSC * nin_slots);
-        const dim3 igrid(p.nseq, m.pb.H, 2 * p.max_super);
-        if (nin_slots == 8) {
-          allow_smem(super_inverse<8>, sms);
-          super_inverse<8><<<igrid, kSCInvCols, sms, st>>>(a, b.seqs, b.P, b.M2, p.sc_nin, p.sc_ring_log);
-        } else {
-          allow_smem(super_inverse<16>, sms);
-          super_inverse<16><<<igrid, kSCInvCols, sms, st>>>(a, b.seqs, b.P, b.M2, p.sc_nin, p.sc_ring_log);
-        }
-        TOKMIX_LAUNCHED("super_inverse");
-        const int64_t rows = m.pb.batch * m.pb.H * m.pb.T;
-        transpose_coef<<<static_cast<unsigned>((rows + 255) / 256), 256, 0, st>>>(b.P, b.PT, rows, 1 + m.nbl);
-        TOKMIX_LAUNCHED("transpose_coef");
-        if (!aligned_to(y, 4)) throw std::invalid_argument("tokmix CUDA: y must be 4-byte aligned (bfloat16 pairs are stored)");
-        allow_smem(chain_super<T, false>, kSCSmem);
-        const int32_t vec = aligned_to(v, 16) ? 1 : 0;
-        chain_super<T, false><<<dim3(p.nseq, m.pb.H, m.pb.Dv / kSCW), kSC, kSCSmem, st>>>(a, b.seqs, v, b.P, b.PT, rows, b.M2, y, yf,
-                                                                                            p.sc_nn, vec);
-        TOKMIX_LAUNCHED("chain_super (forward)");
-        return read_flags(m, b.bad, st);
+    if (p.super) {
+      if (!aligned_to(y, 4)) throw std::invalid_argument("tokmix CUDA: y must be 4-byte aligned (bfloat16 pairs are stored)");
+      const int nin_slots = p.sc_nin <= 8 ? 8 : 16;
+      const size_t sms = sizeof(float) * ((size_t(1) << p.sc_ring_log) * kSCInvCols + kSC * nin_slots);
+      const dim3 igrid(p.nseq, m.pb.H, 2 * p.max_super);
+      if (nin_slots == 8) {
+        allow_smem(super_inverse<8>, sms);
+        super_inverse<8><<<igrid, kSCInvCols, sms, st>>>(a, b.seqs, b.P, b.M2, p.sc_nin, p.sc_ring_log);
+      } else {
+        allow_smem(super_inverse<16>, sms);
+        super_inverse<16><<<igrid, kSCInvCols, sms, st>>>(a, b.seqs, b.P, b.M2, p.sc_nin, p.sc_ring_log);
       }
+      TOKMIX_LAUNCHED("super_inverse");
+      const int64_t rows = m.pb.batch * m.pb.H * m.pb.T;
+      transpose_coef<<<static_cast<unsigned>((rows + 255) / 256), 256, 0, st>>>(b.P, b.PT, rows, 1 + m.nbl);
+      TOKMIX_LAUNCHED("transpose_coef");
+      launch_chain_super<false>(m, p, a, b, v, y, yf, st);
+      return read_flags(m, b.bad, st);
     }
     const size_t smi = sizeof(float) * kInvChunks * (kC * (kC + 1) + 2 * kC * p.kin);
     allow_smem(chunk_inverse, smi);
@@ -3154,22 +3170,12 @@ int32_t backward_t(const CudaMix& m, const T* q, const T* k, const T* v, const T
     const dim3 rows_grid(p.total_chunks, m.pb.H);
     // P, SRC and M come from the forward (`saved`)
     const int64_t ny = m.pb.batch * m.pb.T * m.pb.H * m.pb.Dv;
-    bool done = false;
-    if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-      if (p.super) {
-        allow_smem(chain_super<T, true>, kSCSmem);
-        const int32_t vec = aligned_to(dy, 16) ? 1 : 0;
-        const int64_t rows = m.pb.batch * m.pb.H * m.pb.T;
-        chain_super<T, true><<<dim3(p.nseq, m.pb.H, m.pb.Dv / kSCW), kSC, kSCSmem, st>>>(a, b.seqs, dy, b.P, b.PT, rows, b.M2, nullptr,
-                                                                                           b.G, p.sc_nn, vec);
-        TOKMIX_LAUNCHED("chain_super (backward)");
-        done = true;
-      }
-    }
-    const int g = done ? -1 : !lattice && chain4_ok(m, sizeof(T), {dy})
+    const int g = p.super ? -1
+                  : !lattice && chain4_ok(m, sizeof(T), {dy})
                       ? chain4_groups(m, p, chain_backward4<T, 1, 4>, chain_backward4<T, 2, 2>, chain_backward4<T, 4, 1>, true)
                       : 0;
-    if (done) {
+    if (p.super) {
+      launch_chain_super<true>(m, p, a, b, dy, static_cast<T*>(nullptr), b.G, st);
     } else if (g > 0) {
       const dim3 grid(p.nseq, m.pb.H, (m.pb.Dv + 4 * g - 1) / (4 * g));
       if (g == 1) chain_backward4<T, 1, 4><<<grid, kChain4Threads, 0, st>>>(a, b.seqs, dy, b.P, b.M, b.G);
