@@ -1399,8 +1399,8 @@ constexpr size_t kSCSmem = 2 * sizeof(__half) * kSCElems + sizeof(float) * (2 * 
 // cp.async during this step's product.
 template <class T, bool kBack>
 __global__ void __launch_bounds__(kSC, 1)
-    chain_super(KArgs a, const SeqInfo* seqs, const T* x, const float* P, const float* PT, int64_t rows, const __half* M2, T* y,
-                float* out, int32_t nn, int32_t vec) {
+    chain_super(KArgs a, const SeqInfo* seqs, const T* x, const float* PT, int64_t rows, const __half* M2, T* y, float* out,
+                int32_t nn, int32_t vec) {
   extern __shared__ __align__(16) unsigned char smraw[];
   __half* Ms0 = reinterpret_cast<__half*>(smraw);
   float(*W)[kSCW] = reinterpret_cast<float(*)[kSCW]>(smraw + 2 * sizeof(__half) * kSCElems);
@@ -1409,7 +1409,7 @@ __global__ void __launch_bounds__(kSC, 1)
   __shared__ int32_t fl[kSCNear + kSCFar];
   const SeqInfo sq = seqs[blockIdx.x];
   const int64_t h = blockIdx.y, d = static_cast<int64_t>(blockIdx.z) * kSCW;
-  const int t = threadIdx.x, S = 1 + a.nbl;
+  const int t = threadIdx.x;
   const int nf = min(a.nbl, nn + kSCFar);
   if (t < kSCNear + kSCFar) fl[t] = t < nf ? static_cast<int32_t>(a.pat.B.f[t]) : 0;
   __syncthreads();
@@ -1418,7 +1418,6 @@ __global__ void __launch_bounds__(kSC, 1)
   const int64_t xst = kBack ? a.sy.st : a.sv.st;
   const T* x0 = x + (kBack ? eoff(a.sy, sq, 0, h) : eoff(a.sv, sq, 0, h)) + d;
   float* obase = out + eoff(a.sy, sq, 0, h) + d;  // yf or G, float32, y's strides
-  const float* P0 = P + rid(a, sq, h, 0) * S;     // row i: alpha P0[i S], level l P0[i S + 1 + l]
   const float* PT0 = PT + rid(a, sq, h, 0);        // row i: alpha PT0[i], level l PT0[(1 + l) rows + i]
   const __half* Mh = M2 + (sq.sbase * a.H + h) * kSCElems;  // superchunk s at Mh + s * H * kSCElems
   float xv[8], fv[kSCFar][8];
@@ -1484,7 +1483,7 @@ __global__ void __launch_bounds__(kSC, 1)
         const int64_t f = a.pat.B.f[l];
         const int64_t src = kBack ? i + f : i - f;
         if (kBack ? src >= sq.n : src < 0) break;
-        const float p = P0[(kBack ? src : i) * S + 1 + l];
+        const float p = PT0[(1 + l) * rows + (kBack ? src : i)];
         float v8[8];
         if (src - nb0 >= 0 && src - nb0 < kSC) {
           fma8(w, p, Nb[src - nb0]);
@@ -2768,6 +2767,9 @@ struct Buffers {
   int32_t* bad;  // finiteness flags (fast path)
 };
 
+// Rows of the [B, H, T] coefficient tables.
+int64_t table_rows(const CudaMix& m) { return m.pb.batch * m.pb.H * m.pb.T; }
+
 // The chunked solver's tables (P, SRC, M; superchunk chains: P, SRC, M2, PT): written by the
 // forward into `saved`, which the caller keeps for the backward (n rows x (2 |support| + 64) x 4
 // bytes, about x (3 |support| + 67) x 4 with the superchunk chains: linear in n), so that the
@@ -2776,7 +2778,7 @@ void carve_tables(const CudaMix& m, const Plan& p, void* saved, Buffers& b, int6
   Bump bp{static_cast<char*>(saved)};
   if (p.fast) {
     const MixProblem& pb = m.pb;
-    const int64_t rows = pb.batch * pb.H * pb.T;
+    const int64_t rows = table_rows(m);
     b.P = bp.take<float>(rows * (1 + m.nbl));
     b.SRC = bp.take<int32_t>(rows * std::max<int32_t>(1, m.nbl));
     if (p.super) {
@@ -2794,7 +2796,7 @@ Buffers carve(const CudaMix& m, const Plan& p, bool backward, void* ws, void* sa
   int64_t tbytes;
   carve_tables(m, p, saved, b, &tbytes);
   const MixProblem& pb = m.pb;
-  const int64_t rows = pb.batch * pb.H * pb.T;  // [B, H, T] tables
+  const int64_t rows = table_rows(m);
   const int64_t ny = pb.batch * pb.T * pb.H * pb.Dv, nk = pb.batch * pb.T * pb.H * pb.Dk;
   const int64_t units = p.nseq * pb.H;
   b.seqs = bp.take<SeqInfo>(std::max<int64_t>(1, p.nseq));
@@ -3055,9 +3057,9 @@ void launch_chain_super(const CudaMix& m, const Plan& p, const KArgs& a, const B
                         cudaStream_t st) {
   if constexpr (std::is_same<T, __nv_bfloat16>::value) {
     allow_smem(chain_super<T, kBack>, kSCSmem);
-    const int64_t rows = m.pb.batch * m.pb.H * m.pb.T;
+    const int64_t rows = table_rows(m);
     const int32_t vec = aligned_to(x, 16) ? 1 : 0;
-    chain_super<T, kBack><<<dim3(p.nseq, m.pb.H, m.pb.Dv / kSCW), kSC, kSCSmem, st>>>(a, b.seqs, x, b.P, b.PT, rows, b.M2, y, out,
+    chain_super<T, kBack><<<dim3(p.nseq, m.pb.H, m.pb.Dv / kSCW), kSC, kSCSmem, st>>>(a, b.seqs, x, b.PT, rows, b.M2, y, out,
                                                                                         p.sc_nn, vec);
     TOKMIX_LAUNCHED(kBack ? "chain_super (backward)" : "chain_super (forward)");
   }
@@ -3106,7 +3108,7 @@ int32_t forward_t(const CudaMix& m, const T* q, const T* k, const T* v, const T*
         super_inverse<16><<<igrid, kSCInvCols, sms, st>>>(a, b.seqs, b.P, b.M2, p.sc_nin, p.sc_ring_log);
       }
       TOKMIX_LAUNCHED("super_inverse");
-      const int64_t rows = m.pb.batch * m.pb.H * m.pb.T;
+      const int64_t rows = table_rows(m);
       transpose_coef<<<static_cast<unsigned>((rows + 255) / 256), 256, 0, st>>>(b.P, b.PT, rows, 1 + m.nbl);
       TOKMIX_LAUNCHED("transpose_coef");
       launch_chain_super<false>(m, p, a, b, v, y, yf, st);
