@@ -13,7 +13,8 @@ exec > >(tee "$OUT/gpu-decode.log") 2>&1
 [ -x build-gpu/tokmix ] || OUT="$OUT" bash scripts/gpu-build.sh tokmix_cli -- -DTOKMIX_GLOO=OFF
 grep -i "libstdc++" "$OUT/configure.log" || true
 # one libstdc++: none of its code may be linked into the executable itself
-if nm -C --defined-only build-gpu/tokmix | grep -q "codecvt<char16_t.*do_unshift"; then
+# grep reads all of nm's output (no -q): an early exit would SIGPIPE nm and, under pipefail, hide a match
+if nm -C --defined-only build-gpu/tokmix | grep "codecvt<char16_t.*do_unshift" >/dev/null; then
   echo "FAIL: build-gpu/tokmix carries its own libstdc++"; exit 1
 fi
 T=build-gpu/tokmix

@@ -8,7 +8,7 @@ pkgs=(build-essential cmake ninja-build ccache pkg-config git
       gnuplot-nox bible-kjv python3-torch python3-pytest)
 missing=()
 for p in "${pkgs[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  [[ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" == *"install ok installed"* ]] || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "[deps] installing: ${missing[*]}"

@@ -300,7 +300,7 @@ CommandRegistrar reg_analyze([](CLI::App& app) {
   cmd->add_flag("--json", o->json, "JSON on stdout");
   cmd->add_flag("--csv", o->csv, "CSV on stdout");
   cmd->add_option("--exact-max-n", o->paths.exact_max_n, "patterns that are not translation-invariant: search every source up to this n");
-  cmd->add_option("--samples", o->paths.samples, "sources searched beyond --exact-max-n")->check(CLI::PositiveNumber);
+  cmd->add_option("--samples", o->paths.samples, "sources searched beyond --exact-max-n")->check(positive_integer());
   cmd->add_option("--seed", o->paths.seed, "seed of the sampled sources");
   cmd->add_option("--threads", o->paths.threads, "search threads (0: OpenMP default)");
   cmd->callback([o] { run_analyze(*o); });

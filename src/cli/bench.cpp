@@ -238,7 +238,7 @@ CommandRegistrar reg([](CLI::App& app) {
   m->add_option("--batch", o->B, "batch");
   m->add_option("--heads", o->H, "heads");
   m->add_option("--dim", o->D, "head width (Dk = Dv)");
-  m->add_option("--reps", o->reps, "timed repetitions (median)")->check(CLI::PositiveNumber);
+  m->add_option("--reps", o->reps, "timed repetitions (median)")->check(positive_integer());
   m->add_option("--threads", o->threads, "threads (0: all cores)");
   m->add_option("--mode", o->mode, "softmax or gate")->check(CLI::IsMember({"softmax", "gate"}));
   m->add_option("--quadratic-max-T", o->quadratic_max_T, "longest T for patterns with O(n) rows (attention, dense)");
@@ -252,9 +252,9 @@ CommandRegistrar reg([](CLI::App& app) {
   auto* d = bench->add_subcommand("decode", "Whole-model decode speed against context: eager steps and CUDA-graph replays");
   auto od = std::make_shared<DecodeOpts>();
   d->add_option("--models", od->models, "model config files (JSON, configs/models)")->delimiter(',')->required()->check(CLI::ExistingFile);
-  d->add_option("--contexts", od->contexts, "prompt lengths")->delimiter(',')->check(CLI::PositiveNumber);
-  d->add_option("--steps", od->steps, "timed steps")->check(CLI::PositiveNumber);
-  d->add_option("--batch", od->batch, "sequences decoded together")->check(CLI::PositiveNumber);
+  d->add_option("--contexts", od->contexts, "prompt lengths")->delimiter(',')->check(positive_integer());
+  d->add_option("--steps", od->steps, "timed steps")->check(positive_integer());
+  d->add_option("--batch", od->batch, "sequences decoded together")->check(positive_integer());
   d->add_option("--device", od->device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
   d->add_flag("--no-cuda-graph", od->no_graph, "eager steps only");
   d->add_option("--json", od->json, "write rows as JSON to this file");

@@ -77,8 +77,8 @@ CommandRegistrar reg_pattern([](CLI::App& app) {
   auto rows = std::make_shared<std::vector<int64_t>>();
   auto n = std::make_shared<int64_t>(4096);
   cmd->add_option("spec", *spec, Pattern::accepted_forms())->required();
-  cmd->add_option("--row", *rows, "1-indexed row(s) to print")->check(CLI::PositiveNumber);
-  cmd->add_option("--n", *n, "sequence length for the size and cache figures")->check(CLI::PositiveNumber);
+  cmd->add_option("--row", *rows, "1-indexed row(s) to print")->check(positive_integer());
+  cmd->add_option("--n", *n, "sequence length for the size and cache figures")->check(positive_integer());
   cmd->callback([=] {
     Pattern p = Pattern::parse(*spec);
     std::printf("pattern %s: A levels %d, B levels %d at n=%lld, max row size %lld, decode cache %lld entries (A %lld + B %lld)\n",
@@ -90,7 +90,7 @@ CommandRegistrar reg_pattern([](CLI::App& app) {
   });
   auto* tbl = app.add_subcommand("patterns", "Table of the framework's instances: row size and decode cache against n");
   auto ns = std::make_shared<std::vector<int64_t>>(std::vector<int64_t>{1024, 65536, 1048576});
-  tbl->add_option("--n", *ns, "lengths")->check(CLI::PositiveNumber);
+  tbl->add_option("--n", *ns, "lengths")->check(positive_integer());
   tbl->callback([=] { print_pattern_table(*ns); });
 });
 

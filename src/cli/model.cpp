@@ -89,7 +89,7 @@ CommandRegistrar reg_model([](CLI::App& app) {
   auto context = std::make_shared<int64_t>(0);
   auto mixers = std::make_shared<bool>(false);
   cmd->add_option("--config", *config, "model config (JSON), e.g. configs/models/tiny-pow2.json");
-  cmd->add_option("--context", *context, "context length for the decode figures (default: max_context)")->check(CLI::PositiveNumber);
+  cmd->add_option("--context", *context, "context length for the decode figures (default: max_context)")->check(positive_integer());
   cmd->add_flag("--mixers", *mixers, "list the mixer types a config can name");
   cmd->callback([=] {
     if (*mixers) {

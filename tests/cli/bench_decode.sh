@@ -23,12 +23,13 @@ att = [by[("tiny-attention", c)]["cache_bytes_per_seq"] for c in (8, 300)]
 assert lat[0] == lat[1] > 0, lat          # the cache is allocated for the longest context
 assert att[0] == att[1] > 10 * lat[0], (att, lat)
 EOP
-# bad input: a clear message, a non-zero exit, no crash
+# bad input: a clear message, a non-zero exit, no crash. Messages go to grep as here-strings:
+# `echo | grep -q` races under pipefail (grep may exit before echo's last write, SIGPIPE).
 echo "not json" >"$DIR/bad.json"
 out=$("$TOKMIX" bench decode --models "$DIR/bad.json" 2>&1) && fail "a non-JSON model was accepted"
-echo "$out" | grep -q "is not JSON" || fail "non-JSON model: $out"
+grep -q "is not JSON" <<<"$out" || fail "non-JSON model: $out"
 out=$("$TOKMIX" bench decode --models "$REPO/configs/models/tiny-pow2.json" --contexts 0 2>&1) && fail "context 0 was accepted"
-echo "$out" | grep -qi "contexts" || fail "context 0: $out"
+grep -qi "contexts: value 0 is not positive; expected an integer >= 1" <<<"$out" || fail "context 0: $out"
 out=$("$TOKMIX" bench decode --models "$DIR/missing.json" 2>&1) && fail "a missing file was accepted"
-echo "$out" | grep -qi "missing.json" || fail "missing file: $out"
+grep -qi "missing.json" <<<"$out" || fail "missing file: $out"
 echo "bench decode: OK"
