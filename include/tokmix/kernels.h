@@ -37,11 +37,13 @@ template <class T>
 void mix_forward_cpu(const PatternDesc& pat, const MixProblem& pb, const T* q, const T* k, const T* v,
                      const T* bias /*[H, levels] or null*/, const T* gate_w /*[H, levels, Dk] (gate)*/, T* y, T* lse);
 
-// Backward. dq, dk, dv must be zero-filled; dbias_units ([units, levels]) and dgate_units
-// ([units, levels, Dk]) receive per-unit partial sums (zero-filled, may be null when unused).
+// Backward. dk, dv must be zero-filled; every row of dq is written (no fill needed); dy (laid
+// out as y) is overwritten: g = (I - B)^{-T} dy is built in place, so it must be a private copy.
+// dbias_units ([units, levels]) and dgate_units ([units, levels, Dk]) receive per-unit partial
+// sums (zero-filled, may be null when unused).
 template <class T>
 void mix_backward_cpu(const PatternDesc& pat, const MixProblem& pb, const T* q, const T* k, const T* v,
-                      const T* bias, const T* gate_w, const T* y, const T* lse, const T* dy, T* dq, T* dk, T* dv,
+                      const T* bias, const T* gate_w, const T* y, const T* lse, T* dy, T* dq, T* dk, T* dv,
                       T* dbias_units, T* dgate_units);
 
 // One decode step for `batch` sequences, each at its own position pos[b] (0-indexed row).

@@ -562,9 +562,11 @@ class MixFunction : public torch::autograd::Function<MixFunction> {
     Tensor dy = grads[0];
     if (!dy.defined()) dy = torch::zeros_like(v);
     Tensor dyh = to_heads(dy.to(v.scalar_type()), "dy");
-    // the CUDA kernels write every element of dq, dk, dv
+    // the CPU kernel builds g in dy's rows: never in the caller's tensor
+    if (!dyh.is_cuda() && dyh.storage().is_alias_of(dy.storage())) dyh = dyh.clone();
+    // the CUDA kernels write every element of dq, dk, dv; the CPU kernel every element of dq
     auto zeros = [](const Tensor& t) { return t.is_cuda() ? buffer_like(t) : buffer_like(t).zero_(); };
-    Tensor dq = zeros(qh), dv = zeros(vh);
+    Tensor dq = buffer_like(qh), dv = zeros(vh);
     Tensor dk = gate ? Tensor() : zeros(kh);
     const int64_t units = c.pb.num_units();
     // per-unit partial sums; float32 on CUDA whatever the input type

@@ -403,6 +403,22 @@ TEST(Mix, Float32GradientsMatchFloat64) {
   }
 }
 
+TEST(Mix, BackwardLeavesTheIncomingGradientUntouched) {
+  // the CPU backward builds g = (I - B)^{-T} dy in its own copy of dy, never in the caller's
+  torch::manual_seed(fresh_seed());
+  auto pat = pattern_from_spec("pow2");
+  Tensor q = torch::randn({2, 50, 3, 16}).requires_grad_(), k = torch::randn({2, 50, 3, 16}).requires_grad_(),
+         v = torch::randn({2, 50, 3, 16}).requires_grad_();
+  Tensor base = torch::randn({2, 3, 16, 50});
+  for (Tensor dy : {torch::randn({2, 50, 3, 16}), base.permute({0, 3, 1, 2})}) {  // contiguous; last dim strided
+    Tensor before = dy.clone();
+    Tensor y = mix(q, k, v, *pat);
+    auto g = torch::autograd::grad({y}, {q, k, v}, {dy});
+    EXPECT_TRUE(torch::equal(dy, before));
+    EXPECT_TRUE(torch::isfinite(g[0]).all().item<bool>());
+  }
+}
+
 TEST(Mix, OutputsAreConvexCombinations) {
   // softmax rows of [A | B] are probability vectors: max|y| <= max|x| at any length
   for (const auto& s : {"pow2", "sq1-lattice", "dense", "first-order"}) {

@@ -367,7 +367,7 @@ struct UnitKernel {
   }
 
   void backward(const Unit& un, int64_t u, const T* q, const T* k, const T* v, const T* bias, const T* gate_w, const T* y,
-                const T* lse, const T* dy, T* dq, T* dkp, T* dvp, T* dbias_units, T* dgate_units, std::vector<T>& G) {
+                const T* lse, T* dy, T* dq, T* dkp, T* dvp, T* dbias_units, T* dgate_units) {
     const T* qb = q + un.off_q;
     const T* kb = k + un.off_k;
     const T* vb = v + un.off_v;
@@ -382,16 +382,11 @@ struct UnitKernel {
     const T gamma = static_cast<T>(pb.gamma), scale = static_cast<T>(pb.scale);
     const int64_t Dv = dv(), Dk = dk();
     const bool softmax = pb.mode == Mode::Softmax;
-    // G holds g = (I - B)^{-T} dy, row-contiguous; filled from dy, completed by scatter.
-    if (G.size() < size_t(un.n * Dv)) {
-      G.resize(un.n * Dv);
-      advise_huge_pages(G.data(), G.size() * sizeof(T));
-    }
-    for (int64_t i = 0; i < un.n; ++i) {
-      const T* src = dy + un.off_y + i * pb.sy.st;
-#pragma omp simd
-      for (int64_t d = 0; d < Dv; ++d) G[i * Dv + d] = src[d];
-    }
+    // g = (I - B)^{-T} dy is built in dy's own rows (the op's private copy): row m holds dy_m plus
+    // what later rows scattered into it, final when m is reached. No copy of dy (a pass over
+    // memory, which bounds this kernel with two threads).
+    T* Gb = dy + un.off_y;
+    const int64_t gst = pb.sy.st;
     alignas(64) T dq_fixed[DK > 0 ? DK : 1];
     std::vector<T> dq_dyn(DK > 0 ? 0 : Dk);
     T* dqa = DK > 0 ? dq_fixed : dq_dyn.data();
@@ -399,7 +394,7 @@ struct UnitKernel {
       const T* qm = qb + m * pb.sq.st;
       const int64_t ne = row_scores(m, qm, kb, pb.sk.st, bias_h, gate_h);
       exp_inplace(s, ne, lse[un.lse_off + m]);
-      const T* gm = &G[m * Dv];
+      const T* gm = Gb + m * gst;
       if constexpr (kSimdRow<T, DK> && kSimdRow<T, DV>) {
         if (softmax) {
           // q_m, g_m and the dq_m accumulator stay in registers for the whole row
@@ -425,15 +420,15 @@ struct UnitKernel {
               prefetch_row(dkb, jn, pb.sk.st, Dk, un.n);
               if (isb) {
                 prefetch_row(yb, jn, pb.sy.st, Dv, un.n);
-                prefetch_row(G.data(), jn, Dv, Dv, un.n);
+                prefetch_row(Gb, jn, gst, Dv, un.n);
               }
             }
             dqr.fma(c, kb + j * pb.sk.st);
             qr.axpy_into(dkb + j * pb.sk.st, c);
             if (db) db[re.lvl[e]] += ds;
-            gr.axpy_into(isb ? &G[j * Dv] : dvb + j * pb.sv.st, isb ? gamma * p : p);
+            gr.axpy_into(isb ? Gb + j * gst : dvb + j * pb.sv.st, isb ? gamma * p : p);
           }
-          dqr.add_to(dqb + m * pb.sq.st);
+          dqr.store(dqb + m * pb.sq.st);  // the only write to dq_m: no zero-fill needed
           continue;
         }
       }
@@ -468,7 +463,7 @@ struct UnitKernel {
           }
           if (isb) {
             prefetch_row(yb, jn, pb.sy.st, Dv, un.n);
-            prefetch_row(G.data(), jn, Dv, Dv, un.n);
+            prefetch_row(Gb, jn, gst, Dv, un.n);
           } else {
             prefetch_row(vb, jn, pb.sv.st, Dv, un.n);
             prefetch_row(dvb, jn, pb.sv.st, Dv, un.n);
@@ -503,14 +498,14 @@ struct UnitKernel {
           }
         }
         if (db) db[re.lvl[e]] += ds;
-        T* dst = isb ? &G[j * Dv] : dvb + j * pb.sv.st;
+        T* dst = isb ? Gb + j * gst : dvb + j * pb.sv.st;
         const T c = isb ? gamma * p : p;
 #pragma omp simd
         for (int64_t d = 0; d < Dv; ++d) dst[d] += c * gm[d];
       }
       T* dqm = dqb + m * pb.sq.st;
 #pragma omp simd
-      for (int64_t d = 0; d < Dk; ++d) dqm[d] += dqa[d];
+      for (int64_t d = 0; d < Dk; ++d) dqm[d] = dqa[d];
     }
   }
 };
@@ -554,7 +549,7 @@ void mix_forward_cpu(const PatternDesc& pat, const MixProblem& pb, const T* q, c
 
 template <class T>
 void mix_backward_cpu(const PatternDesc& pat, const MixProblem& pb, const T* q, const T* k, const T* v, const T* bias,
-                      const T* gate_w, const T* y, const T* lse, const T* dy, T* dq, T* dk, T* dv, T* dbias_units,
+                      const T* gate_w, const T* y, const T* lse, T* dy, T* dq, T* dk, T* dv, T* dbias_units,
                       T* dgate_units) {
   const int64_t units = pb.num_units();
   const int64_t cap = max_entries(pat, pb.T);
@@ -565,12 +560,10 @@ void mix_backward_cpu(const PatternDesc& pat, const MixProblem& pb, const T* q, 
       RowEntries re;
       re.reserve(cap);
       std::vector<T> s(cap), dp(cap);
-      // kept between calls: a fresh buffer per call would fault in fresh pages every time
-      thread_local std::vector<T> G;
       UnitKernel<T, D, D> kern{pat, pb, re, s.data(), dp.data()};
 #pragma omp for schedule(dynamic, 1)
       for (int64_t u = 0; u < units; ++u)
-        kern.backward(unit_of(pb, u), u, q, k, v, bias, gate_w, y, lse, dy, dq, dk, dv, dbias_units, dgate_units, G);
+        kern.backward(unit_of(pb, u), u, q, k, v, bias, gate_w, y, lse, dy, dq, dk, dv, dbias_units, dgate_units);
     }
   });
 }
@@ -679,7 +672,7 @@ bool relayout_to_heads_cpu(const T* x, int64_t B, int64_t Tn, int64_t H, int64_t
   template void mix_forward_cpu<T>(const PatternDesc&, const MixProblem&, const T*, const T*, const T*, const T*,   \
                                    const T*, T*, T*);                                                                \
   template void mix_backward_cpu<T>(const PatternDesc&, const MixProblem&, const T*, const T*, const T*, const T*,  \
-                                    const T*, const T*, const T*, const T*, T*, T*, T*, T*, T*);                     \
+                                    const T*, const T*, const T*, T*, T*, T*, T*, T*, T*);                           \
   template void decode_step_cpu<T>(const PatternDesc&, const DecodeProblem&, const T*, const T*, const T*, const T*, \
                                    const T*, T*, T*, T*, T*, T*);
 TOKMIX_INSTANTIATE(float)
