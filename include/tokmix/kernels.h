@@ -37,10 +37,11 @@ template <class T>
 void mix_forward_cpu(const PatternDesc& pat, const MixProblem& pb, const T* q, const T* k, const T* v,
                      const T* bias /*[H, levels] or null*/, const T* gate_w /*[H, levels, Dk] (gate)*/, T* y, T* lse);
 
-// Backward. dk, dv must be zero-filled; every row of dq is written (no fill needed); dy (laid
-// out as y) is overwritten: g = (I - B)^{-T} dy is built in place, so it must be a private copy.
-// dbias_units ([units, levels]) and dgate_units ([units, levels, Dk]) receive per-unit partial
-// sums (zero-filled, may be null when unused).
+// Backward. dk, and dv unless A = {i}, must be zero-filled; every row of dq (and of dv when
+// A = {i}) is written, so those need no fill. dy (laid out as y) is overwritten: g =
+// (I - B)^{-T} dy is built in place, so it must be a private copy. dbias_units ([units, levels])
+// and dgate_units ([units, levels, Dk]) receive per-unit partial sums (zero-filled, may be null
+// when unused).
 template <class T>
 void mix_backward_cpu(const PatternDesc& pat, const MixProblem& pb, const T* q, const T* k, const T* v,
                       const T* bias, const T* gate_w, const T* y, const T* lse, T* dy, T* dq, T* dk, T* dv,

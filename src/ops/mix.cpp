@@ -566,7 +566,8 @@ class MixFunction : public torch::autograd::Function<MixFunction> {
     if (!dyh.is_cuda() && dyh.storage().is_alias_of(dy.storage())) dyh = dyh.clone();
     // the CUDA kernels write every element of dq, dk, dv; the CPU kernel every element of dq
     auto zeros = [](const Tensor& t) { return t.is_cuda() ? buffer_like(t) : buffer_like(t).zero_(); };
-    Tensor dq = buffer_like(qh), dv = zeros(vh);
+    // and, when A = {i}, every element of dv (each row has one contribution)
+    Tensor dq = buffer_like(qh), dv = pat->desc().A.kind == SupportKind::Self ? buffer_like(vh) : zeros(vh);
     Tensor dk = gate ? Tensor() : zeros(kh);
     const int64_t units = c.pb.num_units();
     // per-unit partial sums; float32 on CUDA whatever the input type

@@ -37,6 +37,7 @@ inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 inline vf vset1(float x) { return _mm512_set1_ps(x); }
 inline vf vzero() { return _mm512_setzero_ps(); }
 inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
 inline float vsum(vf v) { return _mm512_reduce_add_ps(v); }
 #elif defined(__AVX2__) && defined(__FMA__)
 using vf = __m256;
@@ -47,6 +48,7 @@ inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
 inline vf vset1(float x) { return _mm256_set1_ps(x); }
 inline vf vzero() { return _mm256_setzero_ps(); }
 inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
+inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
 inline float vsum(vf v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -95,6 +97,11 @@ struct Row {
 #pragma GCC unroll 16
     for (int v = 0; v < N; ++v) vstore(p + v * kW, vadd(vload(p + v * kW), r[v]));
   }
+  inline void scaled_store(float* dst, float c) const {  // dst = c * r
+    const vf cv = vset1(c);
+#pragma GCC unroll 16
+    for (int v = 0; v < N; ++v) vstore(dst + v * kW, vmul(cv, r[v]));
+  }
   inline void axpy_into(float* dst, float c) const {  // dst += c * r
     const vf cv = vset1(c);
 #pragma GCC unroll 16
@@ -110,6 +117,7 @@ struct Row {  // unused: kSimdRow is false without a vector ISA
   inline void fma(float, const float*) {}
   inline void store(float*) const {}
   inline void add_to(float*) const {}
+  inline void scaled_store(float*, float) const {}
   inline void axpy_into(float*, float) const {}
 };
 #endif
@@ -387,6 +395,8 @@ struct UnitKernel {
     // memory, which bounds this kernel with two threads).
     T* Gb = dy + un.off_y;
     const int64_t gst = pb.sy.st;
+    // A = {i}: dv_m has one contribution, from row m itself, so it is stored, not added
+    const bool dv_once = pat.A.kind == SupportKind::Self;
     alignas(64) T dq_fixed[DK > 0 ? DK : 1];
     std::vector<T> dq_dyn(DK > 0 ? 0 : Dk);
     T* dqa = DK > 0 ? dq_fixed : dq_dyn.data();
@@ -426,7 +436,12 @@ struct UnitKernel {
             dqr.fma(c, kb + j * pb.sk.st);
             qr.axpy_into(dkb + j * pb.sk.st, c);
             if (db) db[re.lvl[e]] += ds;
-            gr.axpy_into(isb ? Gb + j * gst : dvb + j * pb.sv.st, isb ? gamma * p : p);
+            if (isb)
+              gr.axpy_into(Gb + j * gst, gamma * p);
+            else if (dv_once)
+              gr.scaled_store(dvb + j * pb.sv.st, p);
+            else
+              gr.axpy_into(dvb + j * pb.sv.st, p);
           }
           dqr.store(dqb + m * pb.sq.st);  // the only write to dq_m: no zero-fill needed
           continue;
@@ -500,8 +515,13 @@ struct UnitKernel {
         if (db) db[re.lvl[e]] += ds;
         T* dst = isb ? Gb + j * gst : dvb + j * pb.sv.st;
         const T c = isb ? gamma * p : p;
+        if (!isb && dv_once) {
 #pragma omp simd
-        for (int64_t d = 0; d < Dv; ++d) dst[d] += c * gm[d];
+          for (int64_t d = 0; d < Dv; ++d) dst[d] = c * gm[d];
+        } else {
+#pragma omp simd
+          for (int64_t d = 0; d < Dv; ++d) dst[d] += c * gm[d];
+        }
       }
       T* dqm = dqb + m * pb.sq.st;
 #pragma omp simd
