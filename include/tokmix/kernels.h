@@ -33,9 +33,23 @@ struct MixProblem {
 
 // Forward: y and the per-row log-sum-exp (lse, [units, T] laid out as unit*T + t, over the
 // unit's own rows) that backward uses to recompute coefficients instead of storing them.
+//
+// With `copies` ([3]: q, k, v), the forward first fills each unit's rows of q, k, v (dst: the
+// buffer passed as q, k or v, laid out as pb.sq/sk/sv) from the caller's [B, T, H, D] tensors,
+// unit by unit, right before the unit runs, so that the head's rows are still in cache when it
+// reads them; a copy with a null src is skipped (already filled). A NaN or Inf copied sets *bad
+// and that unit is not computed.
+template <class T>
+struct HeadCopy {
+  const T* src = nullptr;
+  Strides s{};  // of src, elements; [B, T, H, D] with the head width contiguous
+  T* dst = nullptr;
+  bool* bad = nullptr;
+};
 template <class T>
 void mix_forward_cpu(const PatternDesc& pat, const MixProblem& pb, const T* q, const T* k, const T* v,
-                     const T* bias /*[H, levels] or null*/, const T* gate_w /*[H, levels, Dk] (gate)*/, T* y, T* lse);
+                     const T* bias /*[H, levels] or null*/, const T* gate_w /*[H, levels, Dk] (gate)*/, T* y, T* lse,
+                     const HeadCopy<T>* copies = nullptr);
 
 // Backward. dk, and dv unless A = {i}, must be zero-filled; every row of dq (and of dv when
 // A = {i}) is written, so those need no fill. dy (laid out as y) is overwritten: g =

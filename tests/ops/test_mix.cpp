@@ -615,6 +615,10 @@ TEST(Mix, BadInputGetsClearErrors) {
   auto vi = v.clone();
   vi[0][0][0][0] = std::numeric_limits<float>::infinity();
   has(error_of([&] { mix(q, k, vi, "pow2"); }), "v contains NaN or Inf");
+  auto kn = k.clone();
+  kn[0][7][0][3] = -std::numeric_limits<float>::infinity();  // the last token: the last unit's copy
+  has(error_of([&] { mix(q, kn, v, "pow2"); }), "k contains NaN or Inf");
+  has(error_of([&] { mix(q.transpose(1, 2).contiguous().transpose(1, 2), kn, v, "sq1"); }), "k contains NaN or Inf");  // q head-major
   // deferred reports are a GPU mode: CPU calls still check at the call
   set_finite_check(FiniteCheck::Deferred);
   has(error_of([&] { mix(qn, k, v, "pow2"); }), "q contains NaN or Inf");

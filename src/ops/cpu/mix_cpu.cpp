@@ -141,6 +141,7 @@ struct Unit {
   int64_t n;                           // rows
   int64_t h;
   int64_t lse_off;                     // offset of the unit's row 0 in lse ([B*H or N*H] x T)
+  int64_t b, t0;                       // batch row and first token of the unit
 };
 
 inline Unit unit_of(const MixProblem& pb, int64_t u) {
@@ -158,6 +159,8 @@ inline Unit unit_of(const MixProblem& pb, int64_t u) {
   un.off_y = b * pb.sy.sb + t0 * pb.sy.st + h * pb.sy.sh;
   un.n = n;
   un.h = h;
+  un.b = b;
+  un.t0 = t0;
   // lse is [batch, H, T] (packed: [1, H, T]) so a unit's rows are contiguous
   un.lse_off = (b * pb.H + h) * pb.T + t0;
   return un;
@@ -548,11 +551,41 @@ void with_widths(int64_t Dk, int64_t Dv, Fn&& fn) {
   return fn(std::integral_constant<int, 0>{});
 }
 
+// Copies one unit's rows of x (caller's [B, T, H, D]) into dst (the unit's rows, stride st);
+// false if any value is NaN or Inf.
+template <class T>
+bool copy_unit_rows(const HeadCopy<T>& c, const Unit& un, int64_t D, T* dst, int64_t st) {
+  const T* src = c.src + un.b * c.s.sb + un.t0 * c.s.st + un.h * c.s.sh;
+  T acc = 0;
+  for (int64_t t = 0; t < un.n; ++t) {
+    T* w = dst + t * st;
+    std::memcpy(w, src + t * c.s.st, sizeof(T) * D);  // faster than a copying loop here
+#pragma omp simd reduction(+ : acc)
+    for (int64_t d = 0; d < D; ++d) acc += w[d] * T(0);  // NaN or Inf anywhere turns the sum into NaN
+  }
+  return acc == acc;
+}
+
 template <class T>
 void mix_forward_cpu(const PatternDesc& pat, const MixProblem& pb, const T* q, const T* k, const T* v, const T* bias,
-                     const T* gate_w, T* y, T* lse) {
+                     const T* gate_w, T* y, T* lse, const HeadCopy<T>* copies) {
   const int64_t units = pb.num_units();
   const int64_t cap = max_entries(pat, pb.T);
+  // the unit's own rows of q, k, v, copied just before it runs (see kernels.h)
+  auto fill = [&](const Unit& un) {
+    if (!copies) return true;
+    bool ok = true;
+    const int64_t off[3] = {un.off_q, un.off_k, un.off_v}, st[3] = {pb.sq.st, pb.sk.st, pb.sv.st},
+                  D[3] = {pb.Dk, pb.Dk, pb.Dv};
+    for (int i = 0; i < 3; ++i) {
+      if (!copies[i].src) continue;
+      if (!copy_unit_rows(copies[i], un, D[i], copies[i].dst + off[i], st[i])) {
+        __atomic_store_n(copies[i].bad, true, __ATOMIC_RELAXED);  // several units may report
+        ok = false;
+      }
+    }
+    return ok;
+  };
   with_widths(pb.Dk, pb.Dv, [&](auto W) {
     constexpr int D = decltype(W)::value;
 #pragma omp parallel
@@ -562,7 +595,10 @@ void mix_forward_cpu(const PatternDesc& pat, const MixProblem& pb, const T* q, c
       std::vector<T> s(cap), dp;
       UnitKernel<T, D, D> kern{pat, pb, re, s.data(), nullptr};
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t u = 0; u < units; ++u) kern.forward(unit_of(pb, u), q, k, v, bias, gate_w, y, lse);
+      for (int64_t u = 0; u < units; ++u) {
+        const Unit un = unit_of(pb, u);
+        if (fill(un)) kern.forward(un, q, k, v, bias, gate_w, y, lse);
+      }
     }
   });
 }
@@ -690,7 +726,7 @@ bool relayout_to_heads_cpu(const T* x, int64_t B, int64_t Tn, int64_t H, int64_t
 
 #define TOKMIX_INSTANTIATE(T)                                                                                         \
   template void mix_forward_cpu<T>(const PatternDesc&, const MixProblem&, const T*, const T*, const T*, const T*,   \
-                                   const T*, T*, T*);                                                                \
+                                   const T*, T*, T*, const HeadCopy<T>*);                                            \
   template void mix_backward_cpu<T>(const PatternDesc&, const MixProblem&, const T*, const T*, const T*, const T*,  \
                                     const T*, const T*, const T*, T*, T*, T*, T*, T*, T*);                           \
   template void decode_step_cpu<T>(const PatternDesc&, const DecodeProblem&, const T*, const T*, const T*, const T*, \
