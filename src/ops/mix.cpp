@@ -245,6 +245,7 @@ Tensor cpu_buffer(at::IntArrayRef sizes, const torch::TensorOptions& o) {
 Tensor buffer_like(const Tensor& t) { return t.is_cuda() ? torch::empty_like(t) : cpu_buffer(t.sizes(), t.options()); }
 
 // [B, T, H, D] -> memory [B, H, T, D] so that a head's rows are contiguous; refuses NaN/Inf.
+// On the CPU the result is always a fresh buffer: the backward builds g in dy's.
 Tensor to_heads(const Tensor& t, const char* name) {
   if (!t.is_cuda() && t.numel() > 0 && t.stride(3) == 1) {
     Tensor out = cpu_buffer({t.size(0), t.size(2), t.size(1), t.size(3)}, t.options());
@@ -260,7 +261,7 @@ Tensor to_heads(const Tensor& t, const char* name) {
   // and check finiteness while they read it (see finite_or_throw)
   if (t.is_cuda()) return t.contiguous();
   check_finite(t, name);
-  return t.transpose(1, 2).contiguous();
+  return t.transpose(1, 2).clone(at::MemoryFormat::Contiguous);
 }
 // FiniteCheck set by set_finite_check or TOKMIX_FINITE_CHECK.
 std::atomic<int> g_finite_mode{-1};  // -1: not read from the environment yet
@@ -575,9 +576,7 @@ class MixFunction : public torch::autograd::Function<MixFunction> {
     const bool gate = c.pb.mode == kernels::Mode::Gate;
     Tensor dy = grads[0];
     if (!dy.defined()) dy = torch::zeros_like(v);
-    Tensor dyh = to_heads(dy.to(v.scalar_type()), "dy");
-    // the CPU kernel builds g in dy's rows: never in the caller's tensor
-    if (!dyh.is_cuda() && dyh.storage().is_alias_of(dy.storage())) dyh = dyh.clone();
+    Tensor dyh = to_heads(dy.to(v.scalar_type()), "dy");  // CPU: a fresh buffer, g is built in it
     // the CUDA kernels write every element of dq, dk, dv; the CPU kernel every element of dq
     auto zeros = [](const Tensor& t) { return t.is_cuda() ? buffer_like(t) : buffer_like(t).zero_(); };
     // and, when A = {i}, every element of dv (each row has one contribution)
@@ -646,8 +645,9 @@ class MixFunction : public torch::autograd::Function<MixFunction> {
                                          yh.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), sources ? copies : nullptr);
     });
     // reported in the order the relayout checks them: q, v, k
+    const char* names[3] = {"q", "k", "v"};
     for (int i : {0, 2, 1})
-      if (bad_in[i]) bad(std::string(i == 0 ? "q" : i == 1 ? "k" : "v") + " contains NaN or Inf; expected finite values");
+      if (bad_in[i]) bad(std::string(names[i]) + " contains NaN or Inf; expected finite values");
   }
 
   static void run_backward(const Pattern& pat, const Checked& c, const Tensor& qh, const Tensor& kh, const Tensor& vh,

@@ -93,10 +93,6 @@ struct Row {
 #pragma GCC unroll 16
     for (int v = 0; v < N; ++v) vstore(p + v * kW, r[v]);
   }
-  inline void add_to(float* p) const {
-#pragma GCC unroll 16
-    for (int v = 0; v < N; ++v) vstore(p + v * kW, vadd(vload(p + v * kW), r[v]));
-  }
   inline void scaled_store(float* dst, float c) const {  // dst = c * r
     const vf cv = vset1(c);
 #pragma GCC unroll 16
@@ -116,7 +112,6 @@ struct Row {  // unused: kSimdRow is false without a vector ISA
   inline float dot(const float*) const { return 0; }
   inline void fma(float, const float*) {}
   inline void store(float*) const {}
-  inline void add_to(float*) const {}
   inline void scaled_store(float*, float) const {}
   inline void axpy_into(float*, float) const {}
 };
