@@ -462,10 +462,14 @@ int main(int argc, char** argv) {
   const auto t_start = std::chrono::steady_clock::now();
   // default selection (superchunk chains where they serve), then the 64-row chains forced: the
   // (4, 1) and (2, 2) layouts, and the 512-thread chain with the v12 row passes (no slab passes,
-  // no tensor-core product); pass = (TOKMIX_CUDA_VARIANT, TOKMIX_CHAIN_G)
-  const std::pair<const char*, const char*> passes[] = {{"0", ""}, {"16", "4"}, {"16", "2"}, {"29", ""}};
+  // no tensor-core product); pass = (TOKMIX_CUDA_VARIANT, TOKMIX_CHAIN_G). 64 and 128: the
+  // superchunk chains with M2 fetched per thread, with coefficients fetched 4 bytes at a time (v14h).
+  const std::pair<const char*, const char*> passes[] = {{"0", ""}, {"64", ""}, {"128", ""}, {"16", "4"}, {"16", "2"}, {"29", ""}};
+  // KC_PASSES (e.g. "0,64"): only those passes, by their TOKMIX_CUDA_VARIANT value
+  const char* only = std::getenv("KC_PASSES");
   for (const auto& pass : passes) {
     if (!check) break;
+    if (only && ("," + std::string(only) + ",").find("," + std::string(pass.first) + ",") == std::string::npos) continue;
     setenv("TOKMIX_CUDA_VARIANT", pass.first, 1);
     if (*pass.second) setenv("TOKMIX_CHAIN_G", pass.second, 1);
     else unsetenv("TOKMIX_CHAIN_G");
@@ -506,7 +510,8 @@ int main(int argc, char** argv) {
     const char* env_g;
     const char* label;
   };
-  const V variants[] = {{"0", "", "auto (v14 superchunks)"}, {"16", "", "v13 chains"}, {"28", "", "v12 passes+product"}};
+  const V variants[] = {{"0", "", "auto (v14 superchunks)"}, {"64", "", "v14h, M2 per thread"}, {"128", "", "v14h, coef 4 B"},
+                        {"16", "", "v13 chains"}, {"28", "", "v12 passes+product"}};
   const int64_t shapes[][4] = {{4, 4096, 16, 64}, {2, 16384, 16, 128}, {1, 65536, 16, 64}};
   for (const auto& sh : shapes)
     for (const char* spec : {"pow2", "sq1-lattice"})

@@ -1386,8 +1386,53 @@ __device__ __forceinline__ void fma8(float* w, float p, const float* x) {
 
 // Shared memory of the superchunk chains: M2 of this step and the next (double buffered), W,
 // the neighbouring superchunk's outputs (forward: y of S - 1; backward: g of S + 1), the step's
-// coefficient rows.
-constexpr size_t kSCSmem = 2 * sizeof(__half) * kSCElems + sizeof(float) * (2 * kSC * kSCW + kSC * kSCPW);
+// coefficient rows (level-major: alpha, then one row a level, kSCPR floats each).
+constexpr int kSCPR = kSC + 4;  // a coefficient row: 256 rows from a 16-byte aligned start up to 3 floats early
+constexpr int kSCPC = kSCPR / 4;  // its 16-byte pieces
+constexpr size_t kSCSmem = 2 * sizeof(__half) * kSCElems + sizeof(float) * (2 * kSC * kSCW + kSCPW * kSCPR);
+
+// mbarrier and bulk copy (v14h): M2 of a step arrives as one bulk copy issued by one thread,
+// completion counted in bytes, instead of 17 16-byte cp.async a thread with their address math.
+__device__ __forceinline__ uint32_t smem_u32(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
+__device__ __forceinline__ void mbar_init(uint64_t* m, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(m)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* m, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(m)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* m, uint32_t parity) {
+  uint32_t done = 0;
+  while (!done)
+    asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+                 : "=r"(done) : "r"(smem_u32(m)), "r"(parity) : "memory");
+}
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes, uint64_t* m) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+               ::"r"(smem_u32(dst)), "l"(src), "r"(bytes), "r"(smem_u32(m)) : "memory");
+}
+// Eight bfloat16 (or float16) values kept as raw bits until they are used: a conversion right
+// after the load would wait for the load there.
+template <class T>
+__device__ __forceinline__ uint4 load8_raw(const T* p, bool vec) {
+  if (vec) return *reinterpret_cast<const uint4*>(p);
+  const uint16_t* q = reinterpret_cast<const uint16_t*>(p);
+  uint16_t v[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) v[j] = q[j];
+  return make_uint4(v[0] | (uint32_t(v[1]) << 16), v[2] | (uint32_t(v[3]) << 16), v[4] | (uint32_t(v[5]) << 16), v[6] | (uint32_t(v[7]) << 16));
+}
+template <class T>
+__device__ __forceinline__ void raw8_to_float(uint4 u, float* o) {
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    float2 f;
+    if constexpr (std::is_same<T, __half>::value) f = __half22float2(*reinterpret_cast<const __half2*>(&w[j]));
+    else f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w[j]));
+    o[2 * j] = f.x;
+    o[2 * j + 1] = f.y;
+  }
+}
 
 // One block per (sequence, head, 8 channels), 256 threads, thread t = row t of the step; one
 // block a SM (the caller launches it only when all blocks are resident at once).
@@ -1395,46 +1440,75 @@ constexpr size_t kSCSmem = 2 * sizeof(__half) * kSCElems + sizeof(float) * (2 * 
 // earlier). Backward (kBack = true), in reverse: g_S = M2_S^T (dy + taps from readers m = i + f
 // in S + 1 and later, with the reader's coefficient). Levels: near [0, nn) (f <= kSC: the
 // neighbour superchunk, shared memory), far slots [nn, nf) (values fetched one step ahead into
-// registers), the rest read inside the step. The next step's coefficients and M2 arrive by
-// cp.async during this step's product.
+// registers), the rest read inside the step. The next step's coefficients (16-byte cp.async
+// over the level-major table, all threads) and M2 (one bulk copy) arrive during this step's
+// product. vbits: TOKMIX_CUDA_VARIANT (64: M2 by per-thread cp.async; 128: coefficients by one
+// 4-byte cp.async a row and level), for measuring what each part gives.
 template <class T, bool kBack>
 __global__ void __launch_bounds__(kSC, 1)
     chain_super(KArgs a, const SeqInfo* seqs, const T* x, const float* PT, int64_t rows, const __half* M2, T* y, float* out,
-                int32_t nn, int32_t vec) {
+                int32_t nn, int32_t vec, int32_t vbits) {
   extern __shared__ __align__(16) unsigned char smraw[];
   __half* Ms0 = reinterpret_cast<__half*>(smraw);
   float(*W)[kSCW] = reinterpret_cast<float(*)[kSCW]>(smraw + 2 * sizeof(__half) * kSCElems);
-  float(*Nb)[kSCW] = W + kSC;                                            // neighbour superchunk's outputs
-  float* Pn = reinterpret_cast<float*>(Nb + kSC) + threadIdx.x * kSCPW;  // this row's coefficients
+  float(*Nb)[kSCW] = W + kSC;                          // neighbour superchunk's outputs
+  float* Pc = reinterpret_cast<float*>(Nb + kSC);      // coefficient rows: row 0 alpha, row 1 + l level l
   __shared__ int32_t fl[kSCNear + kSCFar];
+  __shared__ int32_t po[kSCPW];                         // where row t's value sits in each coefficient row
+  __shared__ __align__(8) uint64_t mbar[2];             // M2 buffer 0 / 1 complete
   const SeqInfo sq = seqs[blockIdx.x];
   const int64_t h = blockIdx.y, d = static_cast<int64_t>(blockIdx.z) * kSCW;
   const int t = threadIdx.x;
   const int nf = min(a.nbl, nn + kSCFar);
+  const bool bulk = !(vbits & 64), wide = !(vbits & 128);
+  const float* PT0 = PT + rid(a, sq, h, 0);        // row i: alpha PT0[i], level l PT0[(1 + l) rows + i]
+  // coefficient row r (0: alpha, 1 + l: level l) of the step at r0 starts at PT0 + r rows + r0 + shift(r)
+  auto prow = [&](int r) { return PT0 + r * rows + (kBack && r > 0 ? fl[r - 1] : 0); };
   if (t < kSCNear + kSCFar) fl[t] = t < nf ? static_cast<int32_t>(a.pat.B.f[t]) : 0;
+  if (t == 0 && bulk) {
+    mbar_init(&mbar[0], 1);
+    mbar_init(&mbar[1], 1);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+  // r0 is a multiple of kSC, so a row's misalignment is the same at every step
+  if (t < kSCPW) po[t] = t <= nf ? static_cast<int32_t>((reinterpret_cast<uintptr_t>(prow(t)) >> 2) & 3) : 0;
   __syncthreads();
   const int64_t nsc = (sq.n + kSC - 1) / kSC;
   const int32_t n32 = static_cast<int32_t>(sq.n), yst = static_cast<int32_t>(a.sy.st);
   const int64_t xst = kBack ? a.sy.st : a.sv.st;
   const T* x0 = x + (kBack ? eoff(a.sy, sq, 0, h) : eoff(a.sv, sq, 0, h)) + d;
   float* obase = out + eoff(a.sy, sq, 0, h) + d;  // yf or G, float32, y's strides
-  const float* PT0 = PT + rid(a, sq, h, 0);        // row i: alpha PT0[i], level l PT0[(1 + l) rows + i]
   const __half* Mh = M2 + (sq.sbase * a.H + h) * kSCElems;  // superchunk s at Mh + s * H * kSCElems
-  float xv[8], fv[kSCFar][8];
-  // Fetches for step `it` (superchunk s), one cp.async group: this row's coefficients and M2
-  // into buffer it & 1; into registers, x and the far slots' values that lie two or more
-  // superchunks away (final by now).
+  uint4 xr;
+  float fv[kSCFar][8];
+  // row t's coefficient of row r (0: alpha, 1 + l: level l)
+  auto coef = [&](int r) { return wide ? Pc[r * kSCPR + po[r] + t] : Pc[r * kSCPR + t]; };
+  // Fetches for step `it` (superchunk s): the coefficient rows and M2 into buffer it & 1 (one
+  // cp.async group and, with `bulk`, the bulk copy); into registers, x and the far slots' values
+  // that lie two or more superchunks away (final by now).
   auto prefetch = [&](int64_t it, int64_t s) {
     const int32_t r0 = static_cast<int32_t>(s) * kSC, i = r0 + t;
-    if (i < n32) {
-      if (!kBack) __pipeline_memcpy_async(Pn, PT0 + i, 4);
+    const int r_first = kBack ? 1 : 0, nrow = 1 + nf - r_first;
+    if (wide) {
+      // 16-byte pieces of each row from its aligned start; pieces wholly past the sequence skipped
+      for (int idx = t; idx < nrow * kSCPC; idx += kSC) {
+        const int r = r_first + idx / kSCPC, c = idx % kSCPC;
+        const int32_t shift = kBack && r > 0 ? fl[r - 1] : 0;
+        if (r0 + shift + 4 * c - po[r] >= n32) continue;
+        const float* src = prow(r) + r0 - po[r] + 4 * c;
+        __pipeline_memcpy_async(Pc + r * kSCPR + 4 * c, src, 16);
+      }
+    } else if (i < n32) {
+      if (!kBack) __pipeline_memcpy_async(Pc + t, PT0 + i, 4);
       for (int l = 0; l < nf; ++l) {
         const int32_t f = fl[l];
         if (kBack ? f >= n32 - i : f > i) break;
-        // backward: the reader's coefficient, P[m][l]; a warp's 32 rows read one run
-        __pipeline_memcpy_async(Pn + 1 + l, PT0 + (1 + l) * rows + (kBack ? i + f : i), 4);
+        __pipeline_memcpy_async(Pc + (1 + l) * kSCPR + t, PT0 + (1 + l) * rows + (kBack ? i + f : i), 4);
       }
-      load8_any(x0 + static_cast<int64_t>(i) * xst, vec, xv);
+    }
+    if (i < n32) {
+      xr = load8_raw(x0 + static_cast<int64_t>(i) * xst, vec);
 #pragma unroll
       for (int j = 0; j < kSCFar; ++j) {
         const int l = nn + j;
@@ -1446,7 +1520,17 @@ __global__ void __launch_bounds__(kSC, 1)
     }
     const char* msrc = reinterpret_cast<const char*>(Mh + s * a.H * kSCElems);
     char* mdst = reinterpret_cast<char*>(Ms0 + (it & 1) * kSCElems);
-    for (int idx = t; idx < kSCElems * 2 / 16; idx += kSC) __pipeline_memcpy_async(mdst + 16 * idx, msrc + 16 * idx, 16);
+    if (bulk) {
+      if (t == 0) {
+        // the buffer's last reads (the product two steps back) are ordered before the copy by the
+        // block barrier that precedes this call; the proxy fence carries that order to the copy
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+        mbar_expect_tx(&mbar[it & 1], kSCElems * 2);
+        bulk_copy(mdst, msrc, kSCElems * 2, &mbar[it & 1]);
+      }
+    } else {
+      for (int idx = t; idx < kSCElems * 2 / 16; idx += kSC) __pipeline_memcpy_async(mdst + 16 * idx, msrc + 16 * idx, 16);
+    }
     __pipeline_commit();
   };
   if (nsc > 0) prefetch(0, kBack ? nsc - 1 : 0);
@@ -1455,11 +1539,15 @@ __global__ void __launch_bounds__(kSC, 1)
     const int64_t s = kBack ? nsc - 1 - it : it;
     const int32_t r0 = static_cast<int32_t>(s) * kSC, i = r0 + t;
     const int nvalid = static_cast<int>(lmin(kSC, sq.n - r0));
-    __pipeline_wait_prior(0);  // this step's coefficients and M2
+    __pipeline_wait_prior(0);  // this step's coefficients (and M2 without `bulk`)
+    // the coefficient rows were copied by other threads (wide): visible after the barrier
+    if (wide) __syncthreads();
     float w[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
     if (i < n32) {
+      float xv[8];
+      raw8_to_float<T>(xr, xv);
       if (a.bad && !finite8(xv)) atomicOr(a.bad, kBack ? 8 : 4);
-      const float x_w = kBack ? 1.f : Pn[0];
+      const float x_w = kBack ? 1.f : coef(0);
 #pragma unroll
       for (int j = 0; j < 8; ++j) w[j] = x_w * xv[j];
       // neighbour superchunk: forward [r0 - kSC, r0), backward [r0 + kSC, r0 + 2 kSC)
@@ -1468,7 +1556,7 @@ __global__ void __launch_bounds__(kSC, 1)
         const int32_t f = fl[l];
         const int32_t src = kBack ? i + f : i - f;
         if (kBack ? src >= n32 : src < 0) break;
-        if (static_cast<uint32_t>(src - nb0) < static_cast<uint32_t>(kSC)) fma8(w, Pn[1 + l], Nb[src - nb0]);  // else in M2
+        if (static_cast<uint32_t>(src - nb0) < static_cast<uint32_t>(kSC)) fma8(w, coef(1 + l), Nb[src - nb0]);  // else in M2
       }
 #pragma unroll
       for (int j = 0; j < kSCFar; ++j) {
@@ -1476,8 +1564,8 @@ __global__ void __launch_bounds__(kSC, 1)
         if (l >= nf) break;
         const int32_t src = kBack ? i + fl[l] : i - fl[l];
         if (kBack ? src >= n32 : src < 0) break;
-        if (static_cast<uint32_t>(src - nb0) < static_cast<uint32_t>(kSC)) fma8(w, Pn[1 + l], Nb[src - nb0]);
-        else fma8(w, Pn[1 + l], fv[j]);
+        if (static_cast<uint32_t>(src - nb0) < static_cast<uint32_t>(kSC)) fma8(w, coef(1 + l), Nb[src - nb0]);
+        else fma8(w, coef(1 + l), fv[j]);
       }
       for (int l = nf; l < a.nbl; ++l) {
         const int64_t f = a.pat.B.f[l];
@@ -1499,6 +1587,7 @@ __global__ void __launch_bounds__(kSC, 1)
     // the next step's fetches go out before the product, whose time covers their latency; the
     // other M2 buffer was last read by the previous step's product
     if (it + 1 < nsc) prefetch(it + 1, kBack ? s - 1 : s + 1);
+    if (bulk) mbar_wait(&mbar[it & 1], static_cast<uint32_t>(it >> 1) & 1);  // this step's M2
     // warp w: row tiles w and 15 - w (34 k-steps either way)
     const int ma = warp, mb = kSCTiles - 1 - warp;
     float ca[4], cb[4];
@@ -3060,7 +3149,7 @@ void launch_chain_super(const CudaMix& m, const Plan& p, const KArgs& a, const B
     const int64_t rows = table_rows(m);
     const int32_t vec = aligned_to(x, 16) ? 1 : 0;
     chain_super<T, kBack><<<dim3(p.nseq, m.pb.H, m.pb.Dv / kSCW), kSC, kSCSmem, st>>>(a, b.seqs, x, b.PT, rows, b.M2, y, out,
-                                                                                        p.sc_nn, vec);
+                                                                                        p.sc_nn, vec, variant_bits());
     TOKMIX_LAUNCHED(kBack ? "chain_super (backward)" : "chain_super (forward)");
   }
 }
