@@ -414,6 +414,7 @@ void bench(const std::string& spec, int64_t B, int64_t T, int64_t H, int64_t D, 
 }  // namespace
 
 // One forward + backward (twice) of a bf16 shape, for a profiler: --one SPEC B T H D
+// (--checks-only: the checks without the timings; --bench-only: the timings alone)
 void one(const std::string& spec, int64_t B, int64_t T, int64_t H, int64_t D) {
   const Pattern pat = Pattern::parse(spec);
   MixProblem pb;
@@ -459,6 +460,7 @@ int main(int argc, char** argv) {
     return 0;
   }
   const bool check = !(argc > 1 && std::string(argv[1]) == "--bench-only");
+  const bool bench_too = !(argc > 1 && std::string(argv[1]) == "--checks-only");
   const auto t_start = std::chrono::steady_clock::now();
   // default selection (superchunk chains where they serve), then the 64-row chains forced: the
   // (4, 1) and (2, 2) layouts, and the 512-thread chain with the v12 row passes (no slab passes,
@@ -516,6 +518,7 @@ int main(int argc, char** argv) {
   for (const auto& sh : shapes)
     for (const char* spec : {"pow2", "sq1-lattice"})
       for (const auto& var : variants) {
+        if (!bench_too) break;
         if (std::string(spec) == "sq1-lattice" && (std::string(var.env_g).size() || std::string(var.env_variant) != "0")) continue;
         setenv("TOKMIX_CUDA_VARIANT", var.env_variant, 1);
         if (*var.env_g) setenv("TOKMIX_CHAIN_G", var.env_g, 1); else unsetenv("TOKMIX_CHAIN_G");
