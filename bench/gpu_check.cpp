@@ -525,7 +525,9 @@ int main(int argc, char** argv) {
     bench_decode("pow2-lattice");
     bench_decode("attention");
   }
-  std::printf("\n==== summary (bf16, H200; median CUDA-event times) ====\n");
+  // the card that ran them, not the one the targets were written for
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  std::printf("\n==== summary (bf16, %s; median CUDA-event times) ====\n", prop->name);
   for (auto& l : g_summary) std::printf("%s\n", l.c_str());
   std::printf("correctness: %d passed, %d failed\n", g_pass, g_fail);
   return g_fail ? 1 : 0;
