@@ -167,8 +167,11 @@ Checked check(const Tensor& q, const Tensor& k, const Tensor& v, const Pattern& 
 // glibc serves every allocation above 32 MB (its largest mmap threshold) with a mapping of its
 // own and unmaps it when freed, so each call of the op faulted in, and the kernel cleared, fresh
 // pages: with page faults about a fifth of the time of a pow2 forward and backward at
-// T = 65536 (perf). Blocks are reused at their exact size (training repeats its shapes); the
-// cache keeps at most 32 blocks and an eighth of the memory (8 GB at most), oldest out first.
+// T = 65536 (perf). Buffers from 64 KB up come from here too: with glibc's default (dynamic)
+// thresholds, which set_threads() raises but a library caller need not call, such buffers go
+// back to the kernel when freed, and a pow2 forward at T = 1024 (B 1, H 8, D 64) took 3.5 ms
+// instead of 0.7 ms. Blocks are reused at their exact size (training repeats its shapes); the
+// cache keeps at most 256 blocks and an eighth of the memory (8 GB at most), oldest out first.
 // Blocks of 4 MB and more are backed by 2 MB pages (madvise; the machines' transparent huge
 // pages are often "madvise" only): the kernels read rows of a level far apart, and with 4 KB
 // pages a head's arrays span more pages than the TLB holds (pow2 forward at T = 65536, one
@@ -189,6 +192,11 @@ class BlockCache {
           cached_ -= bytes;
           return p;
         }
+    }
+    if (bytes < kHugeBytes) {  // 4 KB pages, 64-byte aligned
+      void* p = std::aligned_alloc(64, (bytes + 4095) / 4096 * 4096);
+      if (!p) throw std::bad_alloc();
+      return p;
     }
     const size_t size = (bytes + kernels::kHugePage - 1) / kernels::kHugePage * kernels::kHugePage;
     void* p = std::aligned_alloc(kernels::kHugePage, size);  // 2 MB pages (above)
@@ -213,7 +221,8 @@ class BlockCache {
     size_t bytes;
     void* p;
   };
-  static constexpr size_t kMaxBlocks = 32;
+  static constexpr size_t kMaxBlocks = 256;
+  static constexpr size_t kHugeBytes = size_t(4) << 20;  // from here on, 2 MB pages
   // an eighth of the memory this process may use (the machine's, or its cgroup's if lower),
   // at most 8 GB
   BlockCache() {
@@ -231,14 +240,15 @@ class BlockCache {
   size_t cached_ = 0, limit_ = 0;
 };
 
-constexpr size_t kCachedBufferBytes = size_t(4) << 20;  // below: LibTorch's allocator
+constexpr size_t kCachedBufferBytes = size_t(4) << 20;  // glibc's mmap threshold under set_threads()
+constexpr size_t kSmallCachedBytes = size_t(64) << 10;   // below: LibTorch's allocator
 
-// An uninitialised CPU tensor, from the block cache when large.
+// An uninitialised CPU tensor, from the block cache unless small.
 Tensor cpu_buffer(at::IntArrayRef sizes, const torch::TensorOptions& o) {
   size_t n = 1;
   for (auto d : sizes) n *= size_t(d);
   const size_t bytes = n * c10::elementSize(c10::typeMetaToScalarType(o.dtype()));
-  if (bytes < kCachedBufferBytes) return torch::empty(sizes, o);
+  if (bytes < kSmallCachedBytes) return torch::empty(sizes, o);
   void* p = BlockCache::get().take(bytes);
   return torch::from_blob(p, sizes, [bytes](void* q) { BlockCache::get().give(q, bytes); }, o);
 }
