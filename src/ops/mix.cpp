@@ -557,7 +557,8 @@ class MixFunction : public torch::autograd::Function<MixFunction> {
     }
     Tensor yh = q.is_cuda() ? torch::empty({c.pb.batch, c.pb.T, c.pb.H, c.pb.Dv}, v.options())
                             : cpu_buffer({c.pb.batch, c.pb.H, c.pb.T, c.pb.Dv}, v.options());
-    Tensor lse = torch::empty({c.pb.batch, c.pb.H, c.pb.T}, q.is_cuda() ? q.options().dtype(torch::kFloat32) : q.options());
+    Tensor lse = q.is_cuda() ? torch::empty({c.pb.batch, c.pb.H, c.pb.T}, q.options().dtype(torch::kFloat32))
+                             : cpu_buffer({c.pb.batch, c.pb.H, c.pb.T}, q.options());
     Tensor tables;  // CUDA chunked solver: coefficient tables the backward reads
     const Tensor* sources[3] = {&q, gate ? nullptr : &k, &v};
     run_forward(*pat, c, qh, kh, vh, bias, gate_w, yh, lse, tables, copy_in_kernel ? sources : nullptr);
