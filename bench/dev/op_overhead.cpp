@@ -14,6 +14,7 @@
 #include <cstdlib>
 #include <vector>
 
+#include "paired_common.h"
 #include "tokmix/kernels.h"
 #include "tokmix/mix.h"
 #include "tokmix/pattern.h"
@@ -35,13 +36,7 @@ int main(int argc, char** argv) {
   const auto q = torch::randn({1, T, H, D}), k = torch::randn({1, T, H, D}), v = torch::randn({1, T, H, D});
   const Pattern pat = Pattern::parse("pow2");
   const PatternDesc pd = pat.desc();
-  kernels::MixProblem pb;
-  pb.batch = 1;
-  pb.T = T;
-  pb.H = H;
-  pb.Dk = pb.Dv = D;
-  pb.sq = pb.sk = pb.sv = pb.sy = {H * T * D, D, T * D};
-  pb.scale = 1.0 / std::sqrt(double(D));
+  const kernels::MixProblem pb = paired::head_major_problem(T, H, D);
   auto qh = torch::empty({1, H, T, D}), kh = torch::empty({1, H, T, D}), vh = torch::empty({1, H, T, D}),
        yh = torch::empty({1, H, T, D}), lse = torch::empty({1, H, T});
   const kernels::Strides src{H * T * D, H * D, D};

@@ -6,7 +6,6 @@
 // kernel runs, to show every element is written. Median of per-pair ratios, old / new.
 //   paired_backward PATTERN T [REPS]
 #include <omp.h>
-#include <sys/mman.h>
 
 #include <algorithm>
 #include <chrono>
@@ -17,6 +16,7 @@
 #include <random>
 #include <vector>
 
+#include "paired_common.h"
 #include "tokmix/kernels.h"
 #include "tokmix/pattern.h"
 #define kernels kernels_old
@@ -26,13 +26,7 @@
 using namespace tokmix;
 using Clock = std::chrono::steady_clock;
 
-static float* buffer(size_t n) {
-  const size_t bytes = ((n * 4 + (2 << 20) - 1) / (2 << 20)) * (2 << 20);
-  float* p = static_cast<float*>(aligned_alloc(2 << 20, bytes));
-  madvise(p, bytes, MADV_HUGEPAGE);
-  std::memset(p, 0, bytes);
-  return p;
-}
+using paired::buffer;
 
 int main(int argc, char** argv) {
   if (argc < 3) {
@@ -43,13 +37,7 @@ int main(int argc, char** argv) {
   const int64_t T = std::atoll(argv[2]), H = 8, D = 64;
   const int reps = argc > 3 ? std::atoi(argv[3]) : 9;
   const PatternDesc pd = pat.desc();
-  kernels::MixProblem pb;
-  pb.batch = 1;
-  pb.T = T;
-  pb.H = H;
-  pb.Dk = pb.Dv = D;
-  pb.sq = pb.sk = pb.sv = pb.sy = {H * T * D, D, T * D};
-  pb.scale = 1.0 / std::sqrt(double(D));
+  const kernels::MixProblem pb = paired::head_major_problem(T, H, D);
   kernels_old::MixProblem po;
   static_assert(sizeof(po) == sizeof(pb), "MixProblem changed layout: adapt the copy below");
   std::memcpy(static_cast<void*>(&po), &pb, sizeof(pb));

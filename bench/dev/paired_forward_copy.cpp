@@ -4,7 +4,6 @@
 // the per-pair ratios, which this host's 2x speed swings do not move much. Built and run by
 // bench/dev/paired.sh.   paired_forward_copy PATTERN T [REPS]
 #include <omp.h>
-#include <sys/mman.h>
 
 #include <algorithm>
 #include <array>
@@ -16,19 +15,14 @@
 #include <random>
 #include <vector>
 
+#include "paired_common.h"
 #include "tokmix/kernels.h"
 #include "tokmix/pattern.h"
 
 using namespace tokmix;
 using Clock = std::chrono::steady_clock;
 
-static float* buffer(size_t n) {  // 2 MB aligned, huge pages: as the op's block cache gives them
-  const size_t bytes = ((n * 4 + (2 << 20) - 1) / (2 << 20)) * (2 << 20);
-  float* p = static_cast<float*>(aligned_alloc(2 << 20, bytes));
-  madvise(p, bytes, MADV_HUGEPAGE);
-  std::memset(p, 0, bytes);
-  return p;
-}
+using paired::buffer;
 
 int main(int argc, char** argv) {
   if (argc < 3) {
@@ -39,13 +33,7 @@ int main(int argc, char** argv) {
   const int64_t T = std::atoll(argv[2]), H = 8, D = 64;
   const int reps = argc > 3 ? std::atoi(argv[3]) : 9;
   const PatternDesc pd = pat.desc();
-  kernels::MixProblem pb;
-  pb.batch = 1;
-  pb.T = T;
-  pb.H = H;
-  pb.Dk = pb.Dv = D;
-  pb.sq = pb.sk = pb.sv = pb.sy = {H * T * D, D, T * D};  // head-major buffers
-  pb.scale = 1.0 / std::sqrt(double(D));
+  const kernels::MixProblem pb = paired::head_major_problem(T, H, D);
   const size_t n = H * T * D;
   float *q = buffer(n), *k = buffer(n), *v = buffer(n), *qh = buffer(n), *kh = buffer(n), *vh = buffer(n);
   float *y1 = buffer(n), *y2 = buffer(n), *lse = buffer(H * T);

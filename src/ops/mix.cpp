@@ -254,11 +254,14 @@ Tensor cpu_buffer(at::IntArrayRef sizes, const torch::TensorOptions& o) {
 }
 Tensor buffer_like(const Tensor& t) { return t.is_cuda() ? torch::empty_like(t) : cpu_buffer(t.sizes(), t.options()); }
 
+// An uninitialised CPU buffer for t ([B, T, H, D]) laid out by head: [B, H, T, D].
+Tensor heads_buffer(const Tensor& t) { return cpu_buffer({t.size(0), t.size(2), t.size(1), t.size(3)}, t.options()); }
+
 // [B, T, H, D] -> memory [B, H, T, D] so that a head's rows are contiguous; refuses NaN/Inf.
 // On the CPU the result is always a fresh buffer: the backward builds g in dy's.
 Tensor to_heads(const Tensor& t, const char* name) {
   if (!t.is_cuda() && t.numel() > 0 && t.stride(3) == 1) {
-    Tensor out = cpu_buffer({t.size(0), t.size(2), t.size(1), t.size(3)}, t.options());
+    Tensor out = heads_buffer(t);
     bool finite = true;
     AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "relayout", [&] {
       finite = kernels::relayout_to_heads_cpu<scalar_t>(t.data_ptr<scalar_t>(), t.size(0), t.size(1), t.size(2), t.size(3), t.stride(0),
@@ -547,9 +550,9 @@ class MixFunction : public torch::autograd::Function<MixFunction> {
     const bool copy_in_kernel = !q.is_cuda() && c.pb.T > 0 && q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1;
     Tensor qh, kh, vh;
     if (copy_in_kernel) {
-      qh = cpu_buffer({c.pb.batch, c.pb.H, c.pb.T, c.pb.Dk}, q.options());
-      vh = cpu_buffer({c.pb.batch, c.pb.H, c.pb.T, c.pb.Dv}, v.options());
-      kh = gate ? qh : cpu_buffer({c.pb.batch, c.pb.H, c.pb.T, c.pb.Dk}, k.options());
+      qh = heads_buffer(q);
+      vh = heads_buffer(v);
+      kh = gate ? qh : heads_buffer(k);
     } else {
       qh = to_heads(q, "q");
       vh = to_heads(v, "v");

@@ -71,26 +71,23 @@ __device__ __forceinline__ void load8(const float* p, float* o) {
   float4 a = *reinterpret_cast<const float4*>(p), b = *reinterpret_cast<const float4*>(p + 4);
   o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w; o[4] = b.x; o[5] = b.y; o[6] = b.z; o[7] = b.w;
 }
+// Eight bfloat16 (or float16) values, given as their raw bits, as floats.
+template <class T>
+__device__ __forceinline__ void raw8_to_float(uint4 u, float* o) {
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    float2 f;
+    if constexpr (std::is_same<T, __half>::value) f = __half22float2(*reinterpret_cast<const __half2*>(&w[j]));
+    else f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w[j]));
+    o[2 * j] = f.x;
+    o[2 * j + 1] = f.y;
+  }
+}
 __device__ __forceinline__ void load8(const __nv_bfloat16* p, float* o) {
-  uint4 u = *reinterpret_cast<const uint4*>(p);
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    float2 f = __bfloat1622float2(h[j]);
-    o[2 * j] = f.x;
-    o[2 * j + 1] = f.y;
-  }
+  raw8_to_float<__nv_bfloat16>(*reinterpret_cast<const uint4*>(p), o);
 }
-__device__ __forceinline__ void load8(const __half* p, float* o) {
-  uint4 u = *reinterpret_cast<const uint4*>(p);
-  const __half2* h = reinterpret_cast<const __half2*>(&u);
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    float2 f = __half22float2(h[j]);
-    o[2 * j] = f.x;
-    o[2 * j + 1] = f.y;
-  }
-}
+__device__ __forceinline__ void load8(const __half* p, float* o) { raw8_to_float<__half>(*reinterpret_cast<const uint4*>(p), o); }
 
 // Eight consecutive elements stored from floats; p must be 16-byte aligned.
 __device__ __forceinline__ void store8(float* p, const float* o) {
@@ -1420,18 +1417,6 @@ __device__ __forceinline__ uint4 load8_raw(const T* p, bool vec) {
 #pragma unroll
   for (int j = 0; j < 8; ++j) v[j] = q[j];
   return make_uint4(v[0] | (uint32_t(v[1]) << 16), v[2] | (uint32_t(v[3]) << 16), v[4] | (uint32_t(v[5]) << 16), v[6] | (uint32_t(v[7]) << 16));
-}
-template <class T>
-__device__ __forceinline__ void raw8_to_float(uint4 u, float* o) {
-  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    float2 f;
-    if constexpr (std::is_same<T, __half>::value) f = __half22float2(*reinterpret_cast<const __half2*>(&w[j]));
-    else f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w[j]));
-    o[2 * j] = f.x;
-    o[2 * j + 1] = f.y;
-  }
 }
 
 // One block per (sequence, head, 8 channels), 256 threads, thread t = row t of the step; one
