@@ -348,7 +348,10 @@ struct UnitKernel {
       if constexpr (kSimdRow<T, DV>) {
         Row<DV> ar;
         ar.zero();
-        for (int64_t e = 0; e < ne; ++e) {
+        // B entries farthest first: y_{i-1}, written by the previous row, is the last term, so
+        // the row's other terms need not wait for it
+        for (int64_t x = 0; x < ne; ++x) {
+          const int64_t e = x < re.na ? x : ne - 1 - (x - re.na);
           const bool isb = e >= re.na;
           prefetch_next(e);
           ar.fma((isb ? gamma : T(1)) * s[e] * inv, isb ? yb + re.pos[e] * pb.sy.st : vb + re.pos[e] * pb.sv.st);
