@@ -23,21 +23,22 @@
 using Clock = std::chrono::steady_clock;
 constexpr int64_t H = 8, D = 64;
 
-static float* buffer(size_t n) {  // as the op's block cache gives them: 2 MB aligned, huge pages
+static float *buffer(size_t n) {  // as the op's block cache gives them: 2 MB aligned, huge pages
   const size_t bytes = ((n * 4 + (2 << 20) - 1) / (2 << 20)) * (2 << 20);
-  float* p = static_cast<float*>(aligned_alloc(2 << 20, bytes));
+  float *p = static_cast<float *>(aligned_alloc(2 << 20, bytes));
   madvise(p, bytes, MADV_HUGEPAGE);
   std::memset(p, 0, bytes);
   return p;
 }
-static inline __m512 add_row(__m512 a, const float* r) {
-  return _mm512_add_ps(_mm512_add_ps(a, _mm512_loadu_ps(r)), _mm512_add_ps(_mm512_loadu_ps(r + 16), _mm512_add_ps(_mm512_loadu_ps(r + 32), _mm512_loadu_ps(r + 48))));
+static inline __m512 add_row(__m512 a, const float *r) {
+  return _mm512_add_ps(_mm512_add_ps(a, _mm512_loadu_ps(r)),
+                       _mm512_add_ps(_mm512_loadu_ps(r + 16), _mm512_add_ps(_mm512_loadu_ps(r + 32), _mm512_loadu_ps(r + 48))));
 }
-static inline void bump_row(float* r, __m512 c) {  // read-modify-write, as the backward's scatters
+static inline void bump_row(float *r, __m512 c) {  // read-modify-write, as the backward's scatters
   for (int c4 = 0; c4 < 64; c4 += 16) _mm512_storeu_ps(r + c4, _mm512_add_ps(_mm512_loadu_ps(r + c4), c));
 }
 
-int main(int argc, char** argv) {
+int main(int argc, char **argv) {
   const int reps = argc > 1 ? std::atoi(argv[1]) : 7;
   torch::set_num_threads(omp_get_max_threads());
   auto matmul_rate = [] {
@@ -51,9 +52,12 @@ int main(int argc, char** argv) {
     std::sort(t.begin(), t.end());
     return 2.0 * 1024 * 1024 * 1024 / t[4] / 1e9;
   };
-  std::printf("pow2 row kernels' memory floor, B=1 H=%lld D=%lld fp32, %d threads, median of %d\n", (long long)H, (long long)D,
-              omp_get_max_threads(), reps);
-  std::printf("%7s %12s %12s %14s %14s %12s %10s\n", "T", "fwd floor", "fwd budget", "f+b (scatter)", "f+b (gather)", "f+b budget", "matmul");
+  std::printf(
+      "pow2 row kernels' memory floor, B=1 H=%lld D=%lld fp32, %d "
+      "threads, median of %d\n",
+      (long long)H, (long long)D, omp_get_max_threads(), reps);
+  std::printf("%7s %12s %12s %14s %14s %12s %10s\n", "T", "fwd floor", "fwd budget", "f+b (scatter)", "f+b (gather)", "f+b budget",
+              "matmul");
   for (int64_t T : {1024, 4096, 16384, 65536}) {
     const size_t n = size_t(H) * T * D;
     float *q = buffer(n), *k = buffer(n), *v = buffer(n), *y = buffer(n), *g = buffer(n), *dk = buffer(n), *dq = buffer(n), *dv = buffer(n);
@@ -67,7 +71,7 @@ int main(int argc, char** argv) {
 #pragma omp parallel for schedule(dynamic, 1) reduction(+ : sink)
       for (int64_t h = 0; h < H; ++h) {
         const float *qh = q + h * T * D, *kh = k + h * T * D, *vh = v + h * T * D;
-        float* yh = y + h * T * D;
+        float *yh = y + h * T * D;
         __m512 acc = _mm512_setzero_ps();
         for (int64_t i = 0; i < T; ++i) {
           __m512 a = add_row(add_row(add_row(_mm512_setzero_ps(), qh + i * D), kh + i * D), vh + i * D);
@@ -100,9 +104,10 @@ int main(int argc, char** argv) {
         sink += _mm512_reduce_add_ps(acc);
       }
       tb.push_back(std::chrono::duration<double, std::milli>(Clock::now() - s).count());
-      // the gathering backward (perf-notes v6): row j reads q_m and g_m of the later rows
-      // m = j + 2^l (final by then) instead of having them write into its dk_j and g_j, so each
-      // entry moves four rows (k_j, y_j at row m; q_m, g_m at row j) instead of six
+      // the gathering backward (perf-notes v6): row j reads q_m and g_m of the
+      // later rows m = j + 2^l (final by then) instead of having them write
+      // into its dk_j and g_j, so each entry moves four rows (k_j, y_j at row
+      // m; q_m, g_m at row j) instead of six
       s = Clock::now();
 #pragma omp parallel for schedule(dynamic, 1) reduction(+ : sink)
       for (int64_t h = 0; h < H; ++h) {
@@ -130,7 +135,9 @@ int main(int argc, char** argv) {
     const double fwd_budget = fwd_flop / (0.2 * rate * 1e9) * 1e3, fb_budget = (fwd_flop + bwd_flop) / (0.2 * rate * 1e9) * 1e3;
     std::printf("%7lld %9.2f ms %9.2f ms %11.2f ms %11.2f ms %9.2f ms %10.1f%s\n", (long long)T, tf[reps / 2], fwd_budget,
                 tf[reps / 2] + tb[reps / 2], tf[reps / 2] + tg[reps / 2], fb_budget, rate, sink == 12345.f ? "!" : "");
-    for (float* p : {q, k, v, y, g, dk, dq, dv}) std::free(p);
+    for (float *p : {q, k, v, y, g, dk, dq, dv}) std::free(p);
   }
-  std::printf("floor: loads and stores only; budget: the time at 20%% of the matrix rate (GFLOP/s, last column)\n");
+  std::printf(
+      "floor: loads and stores only; budget: the time at 20%% of the "
+      "matrix rate (GFLOP/s, last column)\n");
 }
