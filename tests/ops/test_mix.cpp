@@ -403,6 +403,49 @@ TEST(Mix, Float32GradientsMatchFloat64) {
   }
 }
 
+TEST(Mix, BlockedOffsetsMatchFloat64) {
+  // The float32 kernels in blocks of R rows (A = {i}, B = offsets, softmax; perf-notes v22), forced
+  // here with small blocks (long sequences choose them on their own), against float64, which
+  // always runs row by row: R = 1 (every B entry far), blocks that do not divide T, packed
+  // sequences, bias and gamma, head widths 16 and 64.
+  struct Env {
+    explicit Env(const char* r) { setenv("TOKMIX_CPU_BLOCK_ROWS", r, 1); }
+    ~Env() { unsetenv("TOKMIX_CPU_BLOCK_ROWS"); }
+  };
+  for (const char* R : {"1", "7", "16"}) {
+    Env env(R);
+    for (std::string spec : {"sq1", "pow2", "f:1,3,9", "f:2,5,6,7,30"})
+      for (auto shape : {std::vector<int64_t>{2, 100, 3, 16}, std::vector<int64_t>{1, 77, 2, 64}, std::vector<int64_t>{1, 1, 2, 64}})
+        for (bool packed : {false, true}) {
+          if (packed && shape[0] != 1) continue;
+          SCOPED_TRACE(spec + " R=" + R + " T=" + std::to_string(shape[1]) + " D=" + std::to_string(shape[3]) + (packed ? " packed" : ""));
+          torch::manual_seed(fresh_seed());
+          auto pat = pattern_from_spec(spec);
+          const int64_t H = shape[2], L = pat->num_levels(shape[1]);
+          auto d64 = torch::TensorOptions().dtype(torch::kFloat64);
+          Tensor q = torch::randn(shape, d64), k = torch::randn(shape, d64), v = torch::randn(shape, d64), dy = torch::randn(shape, d64);
+          Tensor bias = 0.3 * torch::randn({H, L}, d64);
+          auto run = [&](torch::ScalarType t) {
+            std::vector<Tensor> x = {q.to(t).requires_grad_(), k.to(t).requires_grad_(), v.to(t).requires_grad_(),
+                                     bias.to(t).requires_grad_()};
+            MixOptions o;
+            o.gamma = 0.9;
+            o.bias = x[3];
+            if (packed) o.cu_seqlens = torch::tensor({int64_t(0), shape[1] / 3, shape[1]}, torch::kInt32);
+            Tensor y = mix(x[0], x[1], x[2], *pat, o);
+            auto g = torch::autograd::grad({(y * dy.to(t)).sum()}, x);
+            g.insert(g.begin(), y.detach());
+            return g;
+          };
+          auto r64 = run(torch::kFloat64), r32 = run(torch::kFloat32);
+          for (size_t i = 0; i < r64.size(); ++i) {
+            ASSERT_EQ(r32[i].scalar_type(), torch::kFloat32);
+            EXPECT_LT(rel_err(r32[i].to(torch::kFloat64), r64[i]), 2e-5) << (i == 0 ? "y" : "gradient " + std::to_string(i - 1));
+          }
+        }
+  }
+}
+
 TEST(Mix, BackwardLeavesTheIncomingGradientUntouched) {
   // the CPU backward builds g = (I - B)^{-T} dy in its own copy of dy, never in the caller's
   torch::manual_seed(fresh_seed());

@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -265,6 +266,76 @@ inline void prefetch_row(const T* base, int64_t row, int64_t stride, int64_t wid
 constexpr int64_t kPrefetchRows = PF;
 constexpr int64_t kNearRows = 32;
 
+// Blocked form for A = {i}, B = offsets (perf-notes v22). The row kernels read a far source row
+// once per (row, level); for offsets whose levels lie closer together than a block of R rows
+// (sq1, most f lists) a block reads each far source once, in one walk over j < a that serves
+// every (row, level) pair landing on j. Per thread: the block's scores (R x W), its accumulators
+// (the mix, or dq), and, in the backward, per-source pair lists.
+// Which units run in blocks, and how many rows a block has. Measured against the row kernels
+// in one process (perf-notes v22): the forward gains for offsets whose levels beyond a block lie
+// close together (sq1: 1.6-2.5x from T = 2048; pow2, an octave apart, not: 0.98-1.10x); the
+// backward gains for every offset list from T = 8192 (pow2 1.2-1.4x, sq1 1.7-3.3x), more with
+// larger blocks at longer T.
+struct BlockedPlan {
+  bool applies = false;  // A = {i}, B = offsets, softmax, float32
+  int64_t forced = -1;   // TOKMIX_CPU_BLOCK_ROWS (tests, measurements): R for every unit longer than R; 0: off
+  const int64_t* f = nullptr;
+  int64_t L = 0;  // offsets below T
+  int64_t W = 0;  // row stride of the score table: L + 1 rounded up to whole vectors
+
+  // most levels from R on lie less than R / 2 from the next
+  bool close_levels(int64_t R, int64_t n) const {
+    int64_t far = 0, close = 0;
+    for (int64_t l = 0; l < L && f[l] < n; ++l) {
+      if (f[l] < R) continue;
+      ++far;
+      if (l + 1 < L && f[l + 1] < n && f[l + 1] - f[l] < R / 2) ++close;
+    }
+    return far >= 8 && 2 * close >= far;
+  }
+  int64_t forward_rows(int64_t n) const {  // 0: the row kernel
+    if (!applies) return 0;
+    if (forced >= 0) return forced > 0 && n > forced ? forced : 0;
+    if (n < 2048) return 0;
+    const int64_t R = std::min<int64_t>(2048, std::max<int64_t>(512, n / 4));
+    return close_levels(R, n) ? R : 0;
+  }
+  int64_t backward_rows(int64_t n) const {
+    if (!applies) return 0;
+    if (forced >= 0) return forced > 0 && n > forced ? forced : 0;
+    if (n < 8192) return 0;
+    return n >= 32768 ? 4096 : 2048;
+  }
+};
+
+template <class T>
+BlockedPlan blocked_plan(const PatternDesc& pat, const MixProblem& pb) {
+  BlockedPlan bp;
+  bp.applies = std::is_same<T, float>::value && pb.mode == Mode::Softmax && pat.A.kind == SupportKind::Self &&
+               pat.B.kind == SupportKind::Offsets;
+  if (!bp.applies) return bp;
+  if (const char* e = std::getenv("TOKMIX_CPU_BLOCK_ROWS")) bp.forced = std::max<int64_t>(0, std::atoll(e));
+  bp.f = pat.B.f;
+  while (bp.L < pat.B.count && pat.B.f[bp.L] < pb.T) ++bp.L;
+  const int64_t w = kW > 0 ? kW : 1;
+  bp.W = (bp.L + 1 + w - 1) / w * w;
+  return bp;
+}
+
+// Per thread, sized for the largest block it has run.
+template <class T>
+struct BlockedScratch {
+  std::vector<T> S, acc, delta, ps, pdp;
+  std::vector<int64_t> pr;
+  std::vector<int32_t> pl;
+  void ensure(int64_t R, int64_t W, int64_t D) {
+    if (int64_t(S.size()) < R * W) S.resize(R * W);
+    if (int64_t(acc.size()) < R * D) acc.resize(R * D);
+    if (int64_t(delta.size()) < R) delta.resize(R);
+    if (int64_t(ps.size()) < W + 16) ps.resize(W + 16), pdp.resize(W + 16), pr.resize(W + 16), pl.resize(W + 16);
+  }
+};
+
 // The work of one (sequence, head) unit. DK/DV > 0 fix the head widths at compile time (the
 // common widths), so that the accumulators of a row live in registers; 0 reads them from pb.
 template <class T, int DK, int DV>
@@ -372,6 +443,214 @@ struct UnitKernel {
         for (int64_t d = 0; d < Dv; ++d) yi[d] = acc[d];
       }
       lse[un.lse_off + i] = mx + std::log(sum);
+    }
+  }
+
+  // Number of offsets f[0..L) of B with f < n (the levels a unit of n rows uses).
+  int64_t offsets_below(int64_t n) const {
+    int64_t L = 0;
+    while (L < pat.B.count && pat.B.f[L] < n) ++L;
+    return L;
+  }
+
+  // Forward in blocks of R rows (perf-notes v22): the block's near scores row by row, one walk
+  // over the sources j < a for its far scores, each row's softmax, a second walk mixing y_j into
+  // the block's accumulators, then the near entries row by row (they need the rows just written).
+  void forward_blocked(const Unit& un, const T* q, const T* k, const T* v, const T* bias, T* y, T* lse, int64_t R, const BlockedPlan& bp,
+                       BlockedScratch<T>& bs) {
+    if constexpr (kSimdRow<T, DK> && kSimdRow<T, DV>) {
+      const T* qb = q + un.off_q;
+      const T* kb = k + un.off_k;
+      const T* vb = v + un.off_v;
+      T* yb = y + un.off_y;
+      const int64_t qs = pb.sq.st, ks = pb.sk.st, vs = pb.sv.st, ys = pb.sy.st, n = un.n, W = bp.W;
+      bs.ensure(R, W, DV);
+      const T* bias_h = bias ? bias + un.h * pb.levels : nullptr;
+      const int64_t* f = pat.B.f;
+      const int64_t L = offsets_below(n);
+      const int32_t lvA = pat.A.level_base, lvB = pat.B.level_base;
+      const T gamma = static_cast<T>(pb.gamma), scale = static_cast<T>(pb.scale);
+      T* S = bs.S.data();
+      T* acc = bs.acc.data();
+      int64_t nb_row = 0;  // levels with f <= row, for the softmax pass
+      for (int64_t a = 0; a < n; a += R) {
+        const int64_t Rb = std::min(R, n - a);
+        for (int64_t r = 0; r < Rb; ++r) {
+          const int64_t i = a + r;
+          Row<DK> qr;
+          qr.load(qb + i * qs);
+          T* sr = S + r * W;
+          sr[0] = scale * qr.dot(kb + i * ks);
+          for (int64_t l = 0; l < L && f[l] <= r; ++l) sr[1 + l] = scale * qr.dot(kb + (i - f[l]) * ks);
+        }
+        // far pairs (f > r): source j = a + r - f < a; rows of j: r = j + f - a for f in [a - j, a - j + Rb)
+        auto walk = [&](auto&& source_fn) {
+          int64_t lo = 0, hi = 0;
+          for (int64_t j = a - 1; j >= 0; --j) {
+            const int64_t dmin = a - j, dmax = dmin + Rb;
+            while (lo < L && f[lo] < dmin) ++lo;
+            while (hi < L && f[hi] < dmax) ++hi;
+            if (lo >= L) break;  // farther sources are beyond every level
+            if (lo == hi) continue;
+            source_fn(j, lo, hi);
+          }
+        };
+        walk([&](int64_t j, int64_t lo, int64_t hi) {
+          Row<DK> kr;
+          kr.load(kb + j * ks);
+          for (int64_t l = lo; l < hi; ++l) {
+            const int64_t r = j + f[l] - a;
+            S[r * W + 1 + l] = scale * kr.dot(qb + (a + r) * qs);
+          }
+        });
+        for (int64_t r = 0; r < Rb; ++r) {
+          const int64_t i = a + r;
+          while (nb_row < L && f[nb_row] <= i) ++nb_row;
+          const int64_t ne = 1 + nb_row;
+          T* sr = S + r * W;
+          if (bias_h) {
+            sr[0] += bias_h[lvA];
+            for (int64_t l = 0; l < nb_row; ++l) sr[1 + l] += bias_h[lvB + l];
+          }
+          T mx = sr[0];
+          for (int64_t e = 1; e < ne; ++e) mx = sr[e] > mx ? sr[e] : mx;
+          exp_inplace(sr, ne, mx);
+          T sum = 0;
+          for (int64_t e = 0; e < ne; ++e) sum += sr[e];
+          const T inv = T(1) / sum, ginv = gamma * inv;
+          sr[0] *= inv;
+          for (int64_t e = 1; e < ne; ++e) sr[e] *= ginv;  // the coefficients of the mix
+          lse[un.lse_off + i] = mx + std::log(sum);
+        }
+        std::fill(acc, acc + Rb * DV, T(0));
+        walk([&](int64_t j, int64_t lo, int64_t hi) {
+          Row<DV> yr;
+          yr.load(yb + j * ys);
+          for (int64_t l = lo; l < hi; ++l) {
+            const int64_t r = j + f[l] - a;
+            yr.axpy_into(acc + r * DV, S[r * W + 1 + l]);
+          }
+        });
+        for (int64_t r = 0; r < Rb; ++r) {
+          const int64_t i = a + r;
+          const T* sr = S + r * W;
+          int64_t near = 0;
+          while (near < L && f[near] <= r) ++near;
+          Row<DV> ar;
+          ar.load(acc + r * DV);
+          ar.fma(sr[0], vb + i * vs);
+          for (int64_t l = near - 1; l >= 0; --l) ar.fma(sr[1 + l], yb + (i - f[l]) * ys);  // y_{i-1} last, as in forward()
+          ar.store(yb + i * ys);
+        }
+      }
+    }
+  }
+
+  // Backward in the same blocks, last block first. A row's g_m is final when its block is reached
+  // (later blocks added into it during their walks, later rows of the block before it), so: the
+  // block's own entries (the row itself and sources inside the block) row by row, descending;
+  // then one walk over the sources j < a that takes every far pair of j, with
+  // sum_e p_e dp_e = g_m . y_m (the forward's output) for ds, dk_j and g_j summed while j is
+  // walked and written once, dq_m summed in the block and stored at the end.
+  void backward_blocked(const Unit& un, int64_t u, const T* q, const T* k, const T* v, const T* bias, const T* y, const T* lse, T* dy,
+                        T* dq, T* dkp, T* dvp, T* dbias_units, int64_t R, const BlockedPlan& bp, BlockedScratch<T>& bs) {
+    if constexpr (kSimdRow<T, DK> && kSimdRow<T, DV>) {
+      const T* qb = q + un.off_q;
+      const T* kb = k + un.off_k;
+      const T* vb = v + un.off_v;
+      const T* yb = y + un.off_y;
+      T* Gb = dy + un.off_y;
+      T* dqb = dq + un.off_q;
+      T* dkb = dkp + un.off_k;
+      T* dvb = dvp + un.off_v;
+      const int64_t qs = pb.sq.st, ks = pb.sk.st, vs = pb.sv.st, ys = pb.sy.st, n = un.n;
+      bs.ensure(R, bp.W, DK);
+      const T* bias_h = bias ? bias + un.h * pb.levels : nullptr;
+      T* db = dbias_units ? dbias_units + u * pb.levels : nullptr;
+      const int64_t* f = pat.B.f;
+      const int64_t L = offsets_below(n);
+      const int32_t lvA = pat.A.level_base, lvB = pat.B.level_base;
+      const T gamma = static_cast<T>(pb.gamma), scale = static_cast<T>(pb.scale);
+      T* acc = bs.acc.data();
+      T* delta = bs.delta.data();
+      T* ps = bs.ps.data();
+      T* pdp = bs.pdp.data();
+      int64_t* pr = bs.pr.data();
+      int32_t* pl = bs.pl.data();
+      const T* lse_u = lse + un.lse_off;
+      for (int64_t a = (n - 1) / R * R; a >= 0; a -= R) {
+        const int64_t Rb = std::min(R, n - a);
+        for (int64_t r = Rb - 1; r >= 0; --r) {
+          const int64_t m = a + r;
+          Row<DK> qr, dqr;
+          Row<DV> gr;
+          qr.load(qb + m * qs);
+          gr.load(Gb + m * ys);
+          dqr.zero();
+          const T dl = gr.dot(yb + m * ys), lm = lse_u[m];
+          delta[r] = dl;
+          int64_t near = 0;
+          while (near < L && f[near] <= r) ++near;
+          ps[0] = scale * qr.dot(kb + m * ks) + (bias_h ? bias_h[lvA] : T(0)) - lm;
+          pdp[0] = gr.dot(vb + m * vs);
+          for (int64_t l = 0; l < near; ++l) {
+            const int64_t j = m - f[l];
+            ps[1 + l] = scale * qr.dot(kb + j * ks) + (bias_h ? bias_h[lvB + l] : T(0)) - lm;
+            pdp[1 + l] = gamma * gr.dot(yb + j * ys);
+          }
+          exp_inplace(ps, 1 + near, T(0));
+          {
+            const T p = ps[0], ds = p * (pdp[0] - dl), c = scale * ds;
+            dqr.fma(c, kb + m * ks);
+            qr.axpy_into(dkb + m * ks, c);
+            gr.scaled_store(dvb + m * vs, p);  // A = {i}: dv_m's one contribution
+            if (db) db[lvA] += ds;
+          }
+          for (int64_t l = 0; l < near; ++l) {
+            const int64_t j = m - f[l];
+            const T p = ps[1 + l], ds = p * (pdp[1 + l] - dl), c = scale * ds;
+            dqr.fma(c, kb + j * ks);
+            qr.axpy_into(dkb + j * ks, c);
+            gr.axpy_into(Gb + j * ys, gamma * p);
+            if (db) db[lvB + l] += ds;
+          }
+          dqr.store(acc + r * DK);
+        }
+        int64_t lo = 0, hi = 0;
+        for (int64_t j = a - 1; j >= 0; --j) {
+          const int64_t dmin = a - j, dmax = dmin + Rb;
+          while (lo < L && f[lo] < dmin) ++lo;
+          while (hi < L && f[hi] < dmax) ++hi;
+          if (lo >= L) break;
+          if (lo == hi) continue;
+          Row<DK> kr, dkr;
+          Row<DV> yr, gjr;
+          kr.load(kb + j * ks);
+          yr.load(yb + j * ys);
+          int64_t np = 0;
+          for (int64_t l = lo; l < hi; ++l, ++np) {
+            const int64_t r = j + f[l] - a, m = a + r;
+            ps[np] = scale * kr.dot(qb + m * qs) + (bias_h ? bias_h[lvB + l] : T(0)) - lse_u[m];
+            pdp[np] = gamma * yr.dot(Gb + m * ys);
+            pr[np] = r;
+            pl[np] = int32_t(l);
+          }
+          exp_inplace(ps, np, T(0));
+          dkr.zero();
+          gjr.zero();
+          for (int64_t e = 0; e < np; ++e) {
+            const int64_t r = pr[e], m = a + r;
+            const T p = ps[e], ds = p * (pdp[e] - delta[r]), c = scale * ds;
+            kr.axpy_into(acc + r * DK, c);
+            dkr.fma(c, qb + m * qs);
+            gjr.fma(gamma * p, Gb + m * ys);
+            if (db) db[lvB + pl[e]] += ds;
+          }
+          dkr.axpy_into(dkb + j * ks, T(1));
+          gjr.axpy_into(Gb + j * ys, T(1));
+        }
+        for (int64_t r = 0; r < Rb; ++r) std::memcpy(dqb + (a + r) * qs, acc + r * DK, DK * sizeof(T));
+      }
     }
   }
 
@@ -586,16 +865,24 @@ void mix_forward_cpu(const PatternDesc& pat, const MixProblem& pb, const T* q, c
   };
   with_widths(pb.Dk, pb.Dv, [&](auto W) {
     constexpr int D = decltype(W)::value;
+    const BlockedPlan bp = blocked_plan<T>(pat, pb);
+    const bool blocked = bp.applies && kSimdRow<T, D>;
 #pragma omp parallel
     {
       RowEntries re;
       re.reserve(cap);
       std::vector<T> s(cap), dp;
       UnitKernel<T, D, D> kern{pat, pb, re, s.data(), nullptr};
+      BlockedScratch<T> bs;
 #pragma omp for schedule(dynamic, 1)
       for (int64_t u = 0; u < units; ++u) {
         const Unit un = unit_of(pb, u);
-        if (fill(un)) kern.forward(un, q, k, v, bias, gate_w, y, lse);
+        if (!fill(un)) continue;
+        const int64_t R = blocked ? bp.forward_rows(un.n) : 0;
+        if (R > 0)
+          kern.forward_blocked(un, q, k, v, bias, y, lse, R, bp, bs);
+        else
+          kern.forward(un, q, k, v, bias, gate_w, y, lse);
       }
     }
   });
@@ -609,15 +896,24 @@ void mix_backward_cpu(const PatternDesc& pat, const MixProblem& pb, const T* q, 
   const int64_t cap = max_entries(pat, pb.T);
   with_widths(pb.Dk, pb.Dv, [&](auto W) {
     constexpr int D = decltype(W)::value;
+    const BlockedPlan bp = blocked_plan<T>(pat, pb);
+    const bool blocked = bp.applies && kSimdRow<T, D>;
 #pragma omp parallel
     {
       RowEntries re;
       re.reserve(cap);
       std::vector<T> s(cap), dp(cap);
       UnitKernel<T, D, D> kern{pat, pb, re, s.data(), dp.data()};
+      BlockedScratch<T> bs;
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t u = 0; u < units; ++u)
-        kern.backward(unit_of(pb, u), u, q, k, v, bias, gate_w, y, lse, dy, dq, dk, dv, dbias_units, dgate_units);
+      for (int64_t u = 0; u < units; ++u) {
+        const Unit un = unit_of(pb, u);
+        const int64_t R = blocked ? bp.backward_rows(un.n) : 0;
+        if (R > 0)
+          kern.backward_blocked(un, u, q, k, v, bias, y, lse, dy, dq, dk, dv, dbias_units, R, bp, bs);
+        else
+          kern.backward(un, u, q, k, v, bias, gate_w, y, lse, dy, dq, dk, dv, dbias_units, dgate_units);
+      }
     }
   });
 }
