@@ -273,9 +273,9 @@ constexpr int64_t kNearRows = 32;
 // (the mix, or dq), and, in the backward, per-source pair lists.
 // Which units run in blocks, and how many rows a block has. Measured against the row kernels
 // in one process (perf-notes v22): the forward gains for offsets whose levels beyond a block lie
-// close together (sq1: 1.6-2.5x from T = 2048; pow2, an octave apart, not: 0.98-1.10x); the
-// backward gains for every offset list from T = 8192 (pow2 1.2-1.4x, sq1 1.7-3.3x), more with
-// larger blocks at longer T.
+// close together (sq1: 1.4-2.9x from T = 2048; pow2, an octave apart, not: 0.98-1.10x); the
+// backward gains for every offset list from T = 1024 with blocks of T / 8 (pow2 1.0-1.5x, sq1
+// 1.2-4x, more at longer T).
 struct BlockedPlan {
   bool applies = false;  // A = {i}, B = offsets, softmax, float32
   int64_t forced = -1;   // TOKMIX_CPU_BLOCK_ROWS (tests, measurements): R for every unit longer than R; 0: off
@@ -303,8 +303,8 @@ struct BlockedPlan {
   int64_t backward_rows(int64_t n) const {
     if (!applies) return 0;
     if (forced >= 0) return forced > 0 && n > forced ? forced : 0;
-    if (n < 8192) return 0;
-    return n >= 32768 ? 4096 : 2048;
+    if (n < 1024) return 0;
+    return std::min<int64_t>(4096, std::max<int64_t>(256, n / 8));
   }
 };
 
