@@ -46,6 +46,9 @@ struct HeadCopy {
   T* dst = nullptr;
   bool* bad = nullptr;
 };
+// Units with A = {i} and B = offsets run in blocks of rows where that measured faster (float32,
+// softmax; perf-notes v22); TOKMIX_CPU_BLOCK_ROWS=R in the environment forces R rows a block for
+// every unit longer than R (0: row by row), for tests and measurements.
 template <class T>
 void mix_forward_cpu(const PatternDesc& pat, const MixProblem& pb, const T* q, const T* k, const T* v,
                      const T* bias /*[H, levels] or null*/, const T* gate_w /*[H, levels, Dk] (gate)*/, T* y, T* lse,
