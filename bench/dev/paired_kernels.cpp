@@ -2,7 +2,7 @@
 // speed swings 2x between runs): A = a revision's (namespace kernels_a), B = the working tree's
 // (kernels_b). Forward, or backward from A's forward. Median of per-pair ratios A / B, and the
 // largest difference of the outputs. Built and run by bench/dev/paired_rev.sh.
-//   paired_kernels PATTERN T [REPS] [fwd|bwd]
+//   paired_kernels PATTERN T [REPS] [fwd|bwd] [D (64)]
 #include <omp.h>
 #include <algorithm>
 #include <chrono>
@@ -30,7 +30,7 @@ P conv(const kernels::MixProblem& pb) {
 }
 int main(int argc, char** argv) {
   const Pattern pat = Pattern::parse(argv[1]);
-  const int64_t T = std::atoll(argv[2]), H = 8, D = 64;
+  const int64_t T = std::atoll(argv[2]), H = 8, D = argc > 5 ? std::atoll(argv[5]) : 64;
   const int reps = argc > 3 ? std::atoi(argv[3]) : 9;
   const bool bwd = argc > 4 && std::string(argv[4]) == "bwd";
   const PatternDesc pd = pat.desc();
@@ -87,7 +87,7 @@ int main(int argc, char** argv) {
       mag = std::max(mag, double(std::fabs(y[i])));
     }
   for (auto* x : {&t1, &t2, &ratio}) std::sort(x->begin(), x->end());
-  std::printf("%s %-6s T=%-6lld %d thr: A %8.3f ms  B %8.3f ms  A/B %.3f [%.2f..%.2f]  max|diff| %.1e (max %.1e)\n", bwd ? "bwd" : "fwd",
-              argv[1], (long long)T, omp_get_max_threads(), t1[reps / 2], t2[reps / 2], ratio[reps / 2], ratio.front(), ratio.back(), diff,
+  std::printf("%s %-6s T=%-6lld D=%lld %d thr: A %8.3f ms  B %8.3f ms  A/B %.3f [%.2f..%.2f]  max|diff| %.1e (max %.1e)\n", bwd ? "bwd" : "fwd",
+              argv[1], (long long)T, (long long)D, omp_get_max_threads(), t1[reps / 2], t2[reps / 2], ratio[reps / 2], ratio.front(), ratio.back(), diff,
               mag);
 }

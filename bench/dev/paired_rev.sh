@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Paired CPU kernel timings of a revision against the working tree (perf-notes v21, v22): both
 # builds of src/ops/cpu/mix_cpu.cpp in one process, alternating. Needs a build (make test).
-#   bash bench/dev/paired_rev.sh REV PATTERN T [REPS] [fwd|bwd]
+#   bash bench/dev/paired_rev.sh REV PATTERN T [REPS] [fwd|bwd] [D (64)]
 # TOKMIX_CPU_BLOCK_ROWS=R in the environment forces the working tree's block size (0: row kernels).
 set -euo pipefail
 cd "$(dirname "$0")/../.."

@@ -274,8 +274,8 @@ constexpr int64_t kNearRows = 32;
 // Which units run in blocks, and how many rows a block has. Measured against the row kernels
 // in one process (perf-notes v22): the forward gains for offsets whose levels beyond a block lie
 // close together (sq1: 1.4-2.9x from T = 2048; pow2, an octave apart, not: 0.98-1.10x); the
-// backward gains for every offset list from T = 1024 with blocks of T / 8 (pow2 1.0-1.5x, sq1
-// 1.2-4x, more at longer T).
+// backward gains for every offset list from T = 1024 with blocks of T / 8 (pow2 1.0-1.5x at head
+// width 64 and more, sq1 1.1-4x, more at longer T).
 struct BlockedPlan {
   bool applies = false;  // A = {i}, B = offsets, softmax, float32
   int64_t forced = -1;   // TOKMIX_CPU_BLOCK_ROWS (tests, measurements): R for every unit longer than R; 0: off
@@ -300,11 +300,14 @@ struct BlockedPlan {
     const int64_t R = std::min<int64_t>(2048, std::max<int64_t>(512, n / 4));
     return close_levels(R, n) ? R : 0;
   }
-  int64_t backward_rows(int64_t n) const {
+  int64_t backward_rows(int64_t n, int64_t D) const {
     if (!applies) return 0;
     if (forced >= 0) return forced > 0 && n > forced ? forced : 0;
     if (n < 1024) return 0;
-    return std::min<int64_t>(4096, std::max<int64_t>(256, n / 8));
+    const int64_t R = std::min<int64_t>(4096, std::max<int64_t>(256, n / 8));
+    // levels far apart (pow2) gain only with wide rows: 0.89-0.98x at D = 16, 0.94x at 32 (T = 4096)
+    if (D < 64 && !close_levels(R, n)) return 0;
+    return R;
   }
 };
 
@@ -908,7 +911,7 @@ void mix_backward_cpu(const PatternDesc& pat, const MixProblem& pb, const T* q, 
 #pragma omp for schedule(dynamic, 1)
       for (int64_t u = 0; u < units; ++u) {
         const Unit un = unit_of(pb, u);
-        const int64_t R = blocked ? bp.backward_rows(un.n) : 0;
+        const int64_t R = blocked ? bp.backward_rows(un.n, std::min(pb.Dk, pb.Dv)) : 0;
         if (R > 0)
           kern.backward_blocked(un, u, q, k, v, bias, y, lse, dy, dq, dk, dv, dbias_units, R, bp, bs);
         else
