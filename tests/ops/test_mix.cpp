@@ -405,18 +405,21 @@ TEST(Mix, Float32GradientsMatchFloat64) {
 
 TEST(Mix, BlockedOffsetsMatchFloat64) {
   // The float32 kernels in blocks of R rows (A = {i}, B = offsets, softmax; perf-notes v22), forced
-  // here with small blocks (long sequences choose them on their own), against float64, which
-  // always runs row by row: R = 1 (every B entry far), blocks that do not divide T, packed
-  // sequences, bias and gamma, head widths 16 and 64.
+  // here with small blocks, against float64, which always runs row by row: R = 1 (every B entry
+  // far), blocks that do not divide T, packed sequences, bias and gamma, every head width the
+  // blocks serve; then sq1 at T = 2048, where the forward and backward choose blocks themselves.
   struct Env {
     explicit Env(const char* r) { setenv("TOKMIX_CPU_BLOCK_ROWS", r, 1); }
     ~Env() { unsetenv("TOKMIX_CPU_BLOCK_ROWS"); }
   };
-  for (const char* R : {"1", "7", "16"}) {
+  for (const char* R : {"1", "7", "16", ""}) {
     Env env(R);
+    if (!*R) unsetenv("TOKMIX_CPU_BLOCK_ROWS");  // the automatic choice
     for (std::string spec : {"sq1", "pow2", "f:1,3,9", "f:2,5,6,7,30"})
-      for (auto shape : {std::vector<int64_t>{2, 100, 3, 16}, std::vector<int64_t>{1, 77, 2, 64}, std::vector<int64_t>{1, 1, 2, 64}})
+      for (auto shape : {std::vector<int64_t>{2, 100, 3, 16}, std::vector<int64_t>{1, 77, 2, 64}, std::vector<int64_t>{1, 1, 2, 64},
+                         std::vector<int64_t>{1, 45, 1, 32}, std::vector<int64_t>{1, 50, 1, 128}, std::vector<int64_t>{1, 2048, 1, 16}})
         for (bool packed : {false, true}) {
+          if ((shape[1] == 2048) != (!*R && spec == "sq1")) continue;  // the long case: automatic blocks, sq1 only
           if (packed && shape[0] != 1) continue;
           SCOPED_TRACE(spec + " R=" + R + " T=" + std::to_string(shape[1]) + " D=" + std::to_string(shape[3]) + (packed ? " packed" : ""));
           torch::manual_seed(fresh_seed());

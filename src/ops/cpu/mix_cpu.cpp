@@ -331,8 +331,8 @@ struct BlockedScratch {
   std::vector<T> S, acc, delta, ps, pdp;
   std::vector<int64_t> pr;
   std::vector<int32_t> pl;
-  void ensure(int64_t R, int64_t W, int64_t D) {
-    if (int64_t(S.size()) < R * W) S.resize(R * W);
+  void ensure(int64_t R, int64_t W, int64_t D, bool scores) {  // scores: the forward's table
+    if (scores && int64_t(S.size()) < R * W) S.resize(R * W);
     if (int64_t(acc.size()) < R * D) acc.resize(R * D);
     if (int64_t(delta.size()) < R) delta.resize(R);
     if (int64_t(ps.size()) < W + 16) ps.resize(W + 16), pdp.resize(W + 16), pr.resize(W + 16), pl.resize(W + 16);
@@ -467,7 +467,7 @@ struct UnitKernel {
       const T* vb = v + un.off_v;
       T* yb = y + un.off_y;
       const int64_t qs = pb.sq.st, ks = pb.sk.st, vs = pb.sv.st, ys = pb.sy.st, n = un.n, W = bp.W;
-      bs.ensure(R, W, DV);
+      bs.ensure(R, W, DV, true);
       const T* bias_h = bias ? bias + un.h * pb.levels : nullptr;
       const int64_t* f = pat.B.f;
       const int64_t L = offsets_below(n);
@@ -567,7 +567,7 @@ struct UnitKernel {
       T* dkb = dkp + un.off_k;
       T* dvb = dvp + un.off_v;
       const int64_t qs = pb.sq.st, ks = pb.sk.st, vs = pb.sv.st, ys = pb.sy.st, n = un.n;
-      bs.ensure(R, bp.W, DK);
+      bs.ensure(R, bp.W, DK, false);
       const T* bias_h = bias ? bias + un.h * pb.levels : nullptr;
       T* db = dbias_units ? dbias_units + u * pb.levels : nullptr;
       const int64_t* f = pat.B.f;
