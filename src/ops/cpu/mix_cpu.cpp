@@ -267,21 +267,26 @@ constexpr int64_t kPrefetchRows = PF;
 constexpr int64_t kNearRows = 32;
 
 // Blocked form for A = {i}, B = offsets (perf-notes v22). The row kernels read a far source row
-// once per (row, level); for offsets whose levels lie closer together than a block of R rows
-// (sq1, most f lists) a block reads each far source once, in one walk over j < a that serves
-// every (row, level) pair landing on j. Per thread: the block's scores (R x W), its accumulators
-// (the mix, or dq), and, in the backward, per-source pair lists.
-// Which units run in blocks, and how many rows a block has. Measured against the row kernels
-// in one process (perf-notes v22): the forward gains for offsets whose levels beyond a block lie
+// once per (row, level); a block of R rows reads each far source once, in one walk over j < a
+// that serves every (row, level) pair of the block landing on j. The plan says which units run in
+// blocks and how many rows a block has, from measurements against the row kernels in one process: the forward gains for offsets whose levels beyond a block lie
 // close together (sq1: 1.4-2.9x from T = 2048; pow2, an octave apart, not: 0.98-1.10x); the
 // backward gains for every offset list from T = 1024 with blocks of T / 8 (pow2 1.0-1.5x at head
 // width 64 and more, sq1 1.1-4x, more at longer T).
 struct BlockedPlan {
   bool applies = false;  // A = {i}, B = offsets, softmax, float32
   int64_t forced = -1;   // TOKMIX_CPU_BLOCK_ROWS (tests, measurements): R for every unit longer than R; 0: off
-  const int64_t* f = nullptr;
+  const int64_t* f = nullptr;  // B's offsets
+  int32_t count = 0;
   int64_t L = 0;  // offsets below T
   int64_t W = 0;  // row stride of the score table: L + 1 rounded up to whole vectors
+
+  // the levels a unit of n rows uses: offsets f < n
+  int64_t levels_below(int64_t n) const {
+    int64_t l = 0;
+    while (l < count && f[l] < n) ++l;
+    return l;
+  }
 
   // most levels from R on lie less than R / 2 from the next
   bool close_levels(int64_t R, int64_t n) const {
@@ -319,25 +324,40 @@ BlockedPlan blocked_plan(const PatternDesc& pat, const MixProblem& pb) {
   if (!bp.applies) return bp;
   if (const char* e = std::getenv("TOKMIX_CPU_BLOCK_ROWS")) bp.forced = std::max<int64_t>(0, std::atoll(e));
   bp.f = pat.B.f;
-  while (bp.L < pat.B.count && pat.B.f[bp.L] < pb.T) ++bp.L;
+  bp.count = pat.B.count;
+  bp.L = bp.levels_below(pb.T);
   const int64_t w = kW > 0 ? kW : 1;
   bp.W = (bp.L + 1 + w - 1) / w * w;
   return bp;
 }
 
 // Per thread, sized for the largest block it has run.
+// Per thread, sized for the largest block it has run: the forward's score table (R x W), the
+// block's accumulators (the mix, or dq), and the backward's per-row deltas and per-source pairs.
 template <class T>
 struct BlockedScratch {
   std::vector<T> S, acc, delta, ps, pdp;
-  std::vector<int64_t> pr;
-  std::vector<int32_t> pl;
   void ensure(int64_t R, int64_t W, int64_t D, bool scores) {  // scores: the forward's table
     if (scores && int64_t(S.size()) < R * W) S.resize(R * W);
     if (int64_t(acc.size()) < R * D) acc.resize(R * D);
     if (int64_t(delta.size()) < R) delta.resize(R);
-    if (int64_t(ps.size()) < W + 16) ps.resize(W + 16), pdp.resize(W + 16), pr.resize(W + 16), pl.resize(W + 16);
+    if (int64_t(ps.size()) < W + 16) ps.resize(W + 16), pdp.resize(W + 16);
   }
 };
+
+// The walk of a block [a, a + Rb) over its far sources: fn(j, lo, hi) for each source j < a,
+// descending, that a row of the block reads at a level in [lo, hi) (row j + f[l] - a; its levels
+// are far: f[l] > that row). The windows [lo, hi) only move up as j goes down.
+template <class Fn>
+inline void walk_far_sources(const int64_t* f, int64_t L, int64_t a, int64_t Rb, Fn&& fn) {
+  int64_t lo = 0, hi = 0;
+  for (int64_t j = a - 1; j >= 0; --j) {
+    while (lo < L && f[lo] < a - j) ++lo;
+    while (hi < L && f[hi] < a - j + Rb) ++hi;
+    if (lo >= L) break;  // farther sources are beyond every level
+    if (lo < hi) fn(j, lo, hi);
+  }
+}
 
 // The work of one (sequence, head) unit. DK/DV > 0 fix the head widths at compile time (the
 // common widths), so that the accumulators of a row live in registers; 0 reads them from pb.
@@ -449,13 +469,6 @@ struct UnitKernel {
     }
   }
 
-  // Number of offsets f[0..L) of B with f < n (the levels a unit of n rows uses).
-  int64_t offsets_below(int64_t n) const {
-    int64_t L = 0;
-    while (L < pat.B.count && pat.B.f[L] < n) ++L;
-    return L;
-  }
-
   // Forward in blocks of R rows (perf-notes v22): the block's near scores row by row, one walk
   // over the sources j < a for its far scores, each row's softmax, a second walk mixing y_j into
   // the block's accumulators, then the near entries row by row (they need the rows just written).
@@ -470,7 +483,7 @@ struct UnitKernel {
       bs.ensure(R, W, DV, true);
       const T* bias_h = bias ? bias + un.h * pb.levels : nullptr;
       const int64_t* f = pat.B.f;
-      const int64_t L = offsets_below(n);
+      const int64_t L = bp.levels_below(n);
       const int32_t lvA = pat.A.level_base, lvB = pat.B.level_base;
       const T gamma = static_cast<T>(pb.gamma), scale = static_cast<T>(pb.scale);
       T* S = bs.S.data();
@@ -486,19 +499,7 @@ struct UnitKernel {
           sr[0] = scale * qr.dot(kb + i * ks);
           for (int64_t l = 0; l < L && f[l] <= r; ++l) sr[1 + l] = scale * qr.dot(kb + (i - f[l]) * ks);
         }
-        // far pairs (f > r): source j = a + r - f < a; rows of j: r = j + f - a for f in [a - j, a - j + Rb)
-        auto walk = [&](auto&& source_fn) {
-          int64_t lo = 0, hi = 0;
-          for (int64_t j = a - 1; j >= 0; --j) {
-            const int64_t dmin = a - j, dmax = dmin + Rb;
-            while (lo < L && f[lo] < dmin) ++lo;
-            while (hi < L && f[hi] < dmax) ++hi;
-            if (lo >= L) break;  // farther sources are beyond every level
-            if (lo == hi) continue;
-            source_fn(j, lo, hi);
-          }
-        };
-        walk([&](int64_t j, int64_t lo, int64_t hi) {
+        walk_far_sources(f, L, a, Rb, [&](int64_t j, int64_t lo, int64_t hi) {
           Row<DK> kr;
           kr.load(kb + j * ks);
           for (int64_t l = lo; l < hi; ++l) {
@@ -526,7 +527,7 @@ struct UnitKernel {
           lse[un.lse_off + i] = mx + std::log(sum);
         }
         std::fill(acc, acc + Rb * DV, T(0));
-        walk([&](int64_t j, int64_t lo, int64_t hi) {
+        walk_far_sources(f, L, a, Rb, [&](int64_t j, int64_t lo, int64_t hi) {
           Row<DV> yr;
           yr.load(yb + j * ys);
           for (int64_t l = lo; l < hi; ++l) {
@@ -571,15 +572,13 @@ struct UnitKernel {
       const T* bias_h = bias ? bias + un.h * pb.levels : nullptr;
       T* db = dbias_units ? dbias_units + u * pb.levels : nullptr;
       const int64_t* f = pat.B.f;
-      const int64_t L = offsets_below(n);
+      const int64_t L = bp.levels_below(n);
       const int32_t lvA = pat.A.level_base, lvB = pat.B.level_base;
       const T gamma = static_cast<T>(pb.gamma), scale = static_cast<T>(pb.scale);
       T* acc = bs.acc.data();
       T* delta = bs.delta.data();
       T* ps = bs.ps.data();
       T* pdp = bs.pdp.data();
-      int64_t* pr = bs.pr.data();
-      int32_t* pl = bs.pl.data();
       const T* lse_u = lse + un.lse_off;
       for (int64_t a = (n - 1) / R * R; a >= 0; a -= R) {
         const int64_t Rb = std::min(R, n - a);
@@ -619,39 +618,32 @@ struct UnitKernel {
           }
           dqr.store(acc + r * DK);
         }
-        int64_t lo = 0, hi = 0;
-        for (int64_t j = a - 1; j >= 0; --j) {
-          const int64_t dmin = a - j, dmax = dmin + Rb;
-          while (lo < L && f[lo] < dmin) ++lo;
-          while (hi < L && f[hi] < dmax) ++hi;
-          if (lo >= L) break;
-          if (lo == hi) continue;
+        walk_far_sources(f, L, a, Rb, [&](int64_t j, int64_t lo, int64_t hi) {
+          // pair e is level lo + e, row j + f[lo + e] - a
           Row<DK> kr, dkr;
           Row<DV> yr, gjr;
           kr.load(kb + j * ks);
           yr.load(yb + j * ys);
-          int64_t np = 0;
-          for (int64_t l = lo; l < hi; ++l, ++np) {
-            const int64_t r = j + f[l] - a, m = a + r;
-            ps[np] = scale * kr.dot(qb + m * qs) + (bias_h ? bias_h[lvB + l] : T(0)) - lse_u[m];
-            pdp[np] = gamma * yr.dot(Gb + m * ys);
-            pr[np] = r;
-            pl[np] = int32_t(l);
+          const int64_t np = hi - lo;
+          for (int64_t e = 0; e < np; ++e) {
+            const int64_t l = lo + e, m = j + f[l];
+            ps[e] = scale * kr.dot(qb + m * qs) + (bias_h ? bias_h[lvB + l] : T(0)) - lse_u[m];
+            pdp[e] = gamma * yr.dot(Gb + m * ys);
           }
           exp_inplace(ps, np, T(0));
           dkr.zero();
           gjr.zero();
           for (int64_t e = 0; e < np; ++e) {
-            const int64_t r = pr[e], m = a + r;
+            const int64_t l = lo + e, m = j + f[l], r = m - a;
             const T p = ps[e], ds = p * (pdp[e] - delta[r]), c = scale * ds;
             kr.axpy_into(acc + r * DK, c);
             dkr.fma(c, qb + m * qs);
             gjr.fma(gamma * p, Gb + m * ys);
-            if (db) db[lvB + pl[e]] += ds;
+            if (db) db[lvB + l] += ds;
           }
           dkr.axpy_into(dkb + j * ks, T(1));
           gjr.axpy_into(Gb + j * ys, T(1));
-        }
+        });
         for (int64_t r = 0; r < Rb; ++r) std::memcpy(dqb + (a + r) * qs, acc + r * DK, DK * sizeof(T));
       }
     }
